@@ -1,0 +1,62 @@
+"""Typed errors of the XMAG core.
+
+Every failure a user can cause (a wrong path, a broken file, a slide without
+resolution metadata, an incompatible checkpoint) raises one of these, with a
+message that says what was wrong and what to do about it. The faces (REST,
+gRPC, the command line) map these classes to status codes in one place each;
+the core never knows about HTTP or gRPC.
+"""
+
+from __future__ import annotations
+
+
+class XmagError(Exception):
+    """Base class of every error the core raises on purpose."""
+
+
+class SlideError(XmagError):
+    """A problem with one slide; `slide_path` names it for the caller (not for logs)."""
+
+    def __init__(self, message: str, slide_path: str | None = None):
+        super().__init__(message)
+        self.slide_path = slide_path
+
+
+class SlideNotFoundError(SlideError):
+    """The path does not exist or is not a regular file."""
+
+
+class NotASlideError(SlideError):
+    """The file exists but no slide reader recognises its format."""
+
+
+class CorruptSlideError(SlideError):
+    """The file looks like a slide but cannot be decoded (truncated, damaged tiles)."""
+
+
+class MissingResolutionError(SlideError):
+    """The slide states neither its microns per pixel nor its objective power."""
+
+
+class NoTissueError(SlideError):
+    """Tissue detection found nothing to tile on the slide."""
+
+
+class SlideReaderUnavailableError(XmagError):
+    """A reader backend was requested that is not installed."""
+
+
+class CheckpointError(XmagError):
+    """A checkpoint file cannot be read, or does not fit the model it is loaded into."""
+
+    def __init__(
+        self,
+        message: str,
+        missing_keys: list[str] | None = None,
+        unexpected_keys: list[str] | None = None,
+        mismatched_shapes: list[str] | None = None,
+    ):
+        super().__init__(message)
+        self.missing_keys = missing_keys or []
+        self.unexpected_keys = unexpected_keys or []
+        self.mismatched_shapes = mismatched_shapes or []
