@@ -1,0 +1,28 @@
+# Two commands do all set-up on a fresh machine (Python >= 3.10 with venv):
+#   make demo   - classify the generated demo slide with untrained demo weights
+#   make test   - run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# cuCIM's wheel declares CUDA libraries (~2.6 GB) it does not need to read slides
+# on the CPU, so it is installed without its declared dependencies; the ones it
+# does need are in the dev extra of pyproject.toml.
+CUCIM_WHEEL := cucim-cu12==26.10.0
+
+.PHONY: demo test clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps "$(CUCIM_WHEEL)"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/xmag classify --out out
+
+test: $(VENV)/.installed
+	XMAG_REQUIRE_CUCIM=1 $(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,284 @@
+"""The `xmag` command: one entry point, a subcommand per job.
+
+Subcommands translate arguments into calls of the core and its typed errors
+into a message and exit status 2; they hold no logic of their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+from tqdm import tqdm
+
+from xmag import __version__
+from xmag.errors import XmagError
+
+app = typer.Typer(
+    name="xmag",
+    help="XMAG: whole-slide-image inference with a 5x pathology encoder.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _fail(error: Exception) -> None:
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"xmag {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version."),
+) -> None:
+    """XMAG command line."""
+
+
+@app.command("make-slide")
+def make_slide(
+    output: Path = typer.Argument(..., help="Where to write the slide (.svs or .tif)."),
+    width_px: int = typer.Option(12_000, "--width", help="Level-0 width in pixels."),
+    height_px: int = typer.Option(9_000, "--height", help="Level-0 height in pixels."),
+    base_magnification: int = typer.Option(20, "--magnification", help="Scan magnification: 20 (0.5 µm/px) or 40 (0.25 µm/px)."),
+    levels: Optional[int] = typer.Option(None, help="Pyramid levels (4x apart); default: until the top level is small."),
+    lesions: int = typer.Option(0, help="Planted lesion regions (ground truth written beside the slide)."),
+    seed: int = typer.Option(0, help="Random seed of the tissue layout and texture."),
+    tissue: str = typer.Option("blobs", help="blobs, full (all tissue) or none (blank glass)."),
+    background: str = typer.Option("white", help="white or grey scanner background."),
+    faint: bool = typer.Option(False, help="Pale, weakly stained tissue."),
+    mpp: bool = typer.Option(True, "--mpp/--no-mpp", help="Write the MPP into the metadata."),
+    objective_power: bool = typer.Option(True, "--objective-power/--no-objective-power", help="Write the objective power."),
+) -> None:
+    """Write a synthetic pyramidal JPEG-tiled TIFF with Aperio metadata (for demos and tests)."""
+    from xmag.slide.synthetic import make_synthetic_slide
+
+    try:
+        slide = make_synthetic_slide(
+            output,
+            width_px=width_px,
+            height_px=height_px,
+            base_magnification=base_magnification,
+            levels=levels,
+            seed=seed,
+            tissue=tissue,
+            n_lesions=lesions,
+            background=background,
+            faint=faint,
+            write_mpp=mpp,
+            write_objective_power=objective_power,
+        )
+    except (XmagError, ValueError) as error:
+        _fail(error)
+    typer.echo(f"wrote {slide.path} ({width_px} x {height_px} px at {base_magnification}x, {len(slide.level_dimensions)} levels)")
+    typer.echo(f"ground truth: {slide.tissue_mask_path}, {slide.lesion_mask_path}")
+
+
+@app.command()
+def info(
+    slide_path: Path = typer.Argument(..., help="Slide file."),
+    backend: str = typer.Option("auto", help="Reader: auto, openslide or cucim."),
+) -> None:
+    """Print what a slide says about itself, as JSON."""
+    from xmag.slide.reader import open_slide
+
+    try:
+        with open_slide(slide_path, backend=backend) as reader:
+            facts = reader.info
+    except (XmagError, ValueError) as error:
+        _fail(error)
+    typer.echo(
+        json.dumps(
+            {
+                "backend": facts.backend,
+                "vendor": facts.vendor,
+                "level_dimensions": facts.level_dimensions,
+                "level_downsamples": facts.level_downsamples,
+                "mpp": facts.mpp,
+                "objective_power": facts.objective_power,
+                "associated_images": facts.associated_images,
+            },
+            indent=2,
+        )
+    )
+
+
+@app.command()
+def tiles(
+    slide_path: Path = typer.Argument(..., help="Slide file."),
+    target_mpp: float = typer.Option(2.0, help="Microns per pixel of the tiles (2.0 = 5x, 0.5 = 20x)."),
+    tile_size_px: int = typer.Option(224, "--tile-size", help="Tile side in pixels at target_mpp."),
+    min_tissue_fraction: float = typer.Option(0.5, "--min-tissue", help="Keep tiles at least this fraction tissue."),
+    preview: Optional[Path] = typer.Option(None, help="Write a PNG of the thumbnail with the tissue mask and tile grid."),
+    fallback_mpp: Optional[float] = typer.Option(None, "--mpp", help="Scan resolution to use if the slide states none."),
+    backend: str = typer.Option("auto", help="Reader: auto, openslide or cucim."),
+) -> None:
+    """Detect tissue and plan the tile grid; print the tile count (and optionally draw it)."""
+    from xmag.slide.reader import open_slide, resolve_mpp
+    from xmag.slide.tiling import TilingSpec, plan_tile_grid
+    from xmag.slide.tissue import tissue_mask_for_slide
+
+    try:
+        spec = TilingSpec(target_mpp=target_mpp, tile_size_px=tile_size_px, min_tissue_fraction=min_tissue_fraction)
+        with open_slide(slide_path, backend=backend) as reader:
+            slide_mpp = resolve_mpp(reader.info, fallback_mpp, str(slide_path))
+            tissue, thumbnail = tissue_mask_for_slide(reader, slide_mpp)
+            grid = plan_tile_grid(reader.info, slide_mpp, tissue, spec)
+    except (XmagError, ValueError) as error:
+        _fail(error)
+    typer.echo(
+        f"{len(grid)} tiles of {tile_size_px} px at {target_mpp} µm/px ({grid.tile_size_level0_px} level-0 px, "
+        f"read from level {grid.read_level} at {grid.read_size_px} px); tissue {tissue.tissue_area_mm2:.2f} mm²"
+    )
+    if preview is not None:
+        _write_grid_preview(preview, thumbnail, tissue, grid)
+        typer.echo(f"preview: {preview}")
+
+
+def _write_grid_preview(path: Path, thumbnail, tissue, grid) -> None:
+    from PIL import Image, ImageDraw
+
+    canvas = thumbnail.copy()
+    canvas[tissue.mask] = (0.6 * canvas[tissue.mask] + 0.4 * np.array([0, 160, 0])).astype(np.uint8)
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    scale = tissue.level0_px_per_mask_px
+    for x, y in grid.level0_coords:
+        draw.rectangle(
+            [x / scale, y / scale, (x + grid.tile_size_level0_px) / scale - 1, (y + grid.tile_size_level0_px) / scale - 1],
+            outline=(0, 0, 255),
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@app.command()
+def classify(
+    slide_path: Optional[Path] = typer.Argument(None, help="Slide file; default: generate and classify the demo slide."),
+    output_dir: Path = typer.Option(Path("out"), "--out", help="Where to write the heatmap PNG and the result JSON."),
+    weights: Optional[Path] = typer.Option(None, help="Encoder checkpoint (xmag safetensors, DINOv2 hub, timm or XMAG release)."),
+    weights_format: str = typer.Option("auto", help="Checkpoint format: auto, xmag, dinov2_hub, timm, xmag_release."),
+    encoder_config: str = typer.Option("xmag_vitb14", help="Architecture for non-xmag checkpoints."),
+    backend: str = typer.Option("auto", help="Slide reader: auto, openslide or cucim."),
+    batch_size: int = typer.Option(16, help="Tiles per encoder batch."),
+    precision: str = typer.Option("fp32", help="fp32, or bf16 (autocast; ~3x faster on CPUs with AMX)."),
+    fallback_mpp: Optional[float] = typer.Option(None, "--mpp", help="Scan resolution to use if the slide states none."),
+) -> None:
+    """Classify one slide in-process: tissue, 5x tiles, encoder, MIL heads, attention heatmap."""
+    import torch
+
+    from xmag.demo import DEMO_HEADS_NOTICE, DEMO_WEIGHTS_NOTICE, demo_encoder, demo_heads, ensure_demo_slide
+    from xmag.heatmap import render_attention_heatmap
+    from xmag.models.checkpoints import load_encoder_checkpoint, load_vit_weights
+    from xmag.models.encoder import TileEncoder, build_tile_encoder
+    from xmag.pipeline import classify_slide
+
+    if precision not in ("fp32", "bf16"):
+        _fail(ValueError(f"precision must be fp32 or bf16, got {precision!r}"))
+    try:
+        if slide_path is None:
+            slide_path = ensure_demo_slide(output_dir / "demo").path
+            typer.echo(f"demo slide: {slide_path} (generated; 20x, one planted lesion)")
+        if weights is None:
+            encoder = demo_encoder()
+            encoder_provenance = {"kind": "untrained-demo", "config": "xmag_vitb14", "seed": 0}
+        else:
+            if weights_format in ("auto", "xmag") and weights.suffix == ".safetensors":
+                try:
+                    encoder = TileEncoder(load_encoder_checkpoint(weights)).eval()
+                except XmagError:
+                    if weights_format == "xmag":
+                        raise
+                    encoder = build_tile_encoder(encoder_config)
+                    load_vit_weights(encoder.vit, weights, fmt=weights_format)
+            else:
+                encoder = build_tile_encoder(encoder_config)
+                load_vit_weights(encoder.vit, weights, fmt=weights_format)
+            encoder_provenance = {"kind": "checkpoint", "file": weights.name, "sha256": _sha256(weights)}
+        heads = demo_heads(encoder.embed_dim)
+        notice = DEMO_WEIGHTS_NOTICE if weights is None else DEMO_HEADS_NOTICE
+        typer.secho(notice, fg=typer.colors.YELLOW)
+
+        with tqdm(total=0, unit="tile", desc="encoding", file=sys.stderr, disable=None) as bar:
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            result = classify_slide(
+                str(slide_path),
+                encoder,
+                heads,
+                backend=backend,
+                batch_size=batch_size,
+                precision=precision,
+                fallback_mpp=fallback_mpp,
+                progress=progress,
+            )
+    except (XmagError, ValueError) as error:
+        _fail(error)
+
+    facts = result.facts
+    typer.echo(
+        f"slide: {facts.width_px} x {facts.height_px} px, {facts.mpp:g} µm/px ({facts.base_magnification:g}x), "
+        f"{facts.vendor}, read via {facts.reader_backend} from level {facts.read_level}; "
+        f"{facts.tile_count} tiles at 5x; tissue {facts.tissue_area_mm2:.1f} mm²"
+    )
+    for task, prediction in result.predictions.items():
+        probabilities = ", ".join(f"{name} {p:.3f}" for name, p in prediction.probabilities.items())
+        typer.echo(f"{task}: {prediction.label}  ({probabilities})")
+    typer.echo("timings: " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in result.timings_s.items()))
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stem = Path(slide_path).stem
+    written = []
+    for task, prediction in result.predictions.items():
+        heatmap_path = output_dir / f"{stem}.{task}.heatmap.png"
+        render_attention_heatmap(
+            result.thumbnail,
+            result.tissue.level0_px_per_mask_px,
+            result.level0_coords,
+            result.tile_size_level0_px,
+            prediction.attention,
+        ).save(heatmap_path)
+        written.append(heatmap_path)
+    result_path = output_dir / f"{stem}.result.json"
+    result_path.write_text(
+        json.dumps(
+            {
+                "slide": facts.__dict__,
+                "weights": {"encoder": encoder_provenance, "heads": {"kind": "untrained-demo", "seed": 0}},
+                "notice": notice,
+                "predictions": {
+                    task: {"label": p.label, "probabilities": p.probabilities, "attention": p.attention.tolist()}
+                    for task, p in result.predictions.items()
+                },
+                "tile_size_level0_px": result.tile_size_level0_px,
+                "level0_coords": result.level0_coords.tolist(),
+                "timings_s": result.timings_s,
+            },
+            indent=1,
+        )
+    )
+    for path in written:
+        typer.echo(f"heatmap: {path}")
+    typer.echo(f"result: {result_path}")

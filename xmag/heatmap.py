@@ -1,0 +1,54 @@
+"""Attention heatmaps: per-tile weights drawn over the slide thumbnail."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+# Anchor colours of a dark-to-bright ramp (close to matplotlib's "inferno"),
+# interpolated linearly; kept here so the core needs no plotting library.
+_RAMP_POSITIONS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+_RAMP_COLOURS = np.array(
+    [[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32
+)
+
+
+def colour_ramp(values: np.ndarray) -> np.ndarray:
+    """Map values in 0..1 to RGB uint8, dark (low) to bright yellow (high)."""
+    values = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)
+    channels = [np.interp(values, _RAMP_POSITIONS, _RAMP_COLOURS[:, c]) for c in range(3)]
+    return np.rint(np.stack(channels, axis=-1)).astype(np.uint8)
+
+
+def render_attention_heatmap(
+    thumbnail_rgb: np.ndarray,
+    level0_px_per_thumbnail_px: float,
+    level0_coords: np.ndarray,
+    tile_size_level0_px: int,
+    attention: np.ndarray,
+    opacity: float = 0.6,
+) -> Image.Image:
+    """Overlay attention on the thumbnail: each tile filled with its weight's colour.
+
+    Weights are scaled min-to-max over the slide, so the brightest tile is the
+    one the head attended to most; tiles outside the grid keep the plain
+    thumbnail.
+    """
+    level0_coords = np.asarray(level0_coords).reshape(-1, 2)
+    attention = np.asarray(attention, dtype=np.float64).reshape(-1)
+    if len(attention) != len(level0_coords):
+        raise ValueError(f"{len(attention)} attention weights for {len(level0_coords)} tiles")
+    canvas = thumbnail_rgb.astype(np.float32).copy()
+    if len(attention) == 0:
+        return Image.fromarray(thumbnail_rgb)
+    span = attention.max() - attention.min()
+    scaled = (attention - attention.min()) / span if span > 0 else np.ones_like(attention)
+    colours = colour_ramp(scaled).astype(np.float32)
+    height, width = canvas.shape[:2]
+    for (x, y), colour in zip(level0_coords, colours):
+        left = int(round(x / level0_px_per_thumbnail_px))
+        top = int(round(y / level0_px_per_thumbnail_px))
+        right = min(width, int(round((x + tile_size_level0_px) / level0_px_per_thumbnail_px)))
+        bottom = min(height, int(round((y + tile_size_level0_px) / level0_px_per_thumbnail_px)))
+        canvas[top:bottom, left:right] = (1 - opacity) * canvas[top:bottom, left:right] + opacity * colour
+    return Image.fromarray(np.rint(canvas).astype(np.uint8))

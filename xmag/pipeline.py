@@ -1,0 +1,204 @@
+"""Classify one slide in-process: open, find tissue, tile at 5x, read, encode, run the heads.
+
+Reading and encoding overlap: a background thread decodes batch k+1 while the
+encoder works on batch k. This is the core the service's engine builds on; it
+knows nothing of HTTP or gRPC.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Literal
+
+import numpy as np
+import torch
+
+from xmag.errors import NoTissueError
+from xmag.models.abmil import SlideHeads
+from xmag.models.encoder import TileEncoder
+from xmag.slide.reader import BackendName, open_slide, resolve_mpp
+from xmag.slide.tiling import XMAG_5X, TileGrid, TilingSpec, iter_tile_batches, plan_tile_grid
+from xmag.slide.tissue import DEFAULT_THUMBNAIL_UM_PER_PX, TissueMask, tissue_mask_for_slide
+
+Precision = Literal["fp32", "bf16"]
+ProgressCallback = Callable[[int, int], None]  # (tiles encoded so far, total tiles)
+
+
+@dataclass(frozen=True)
+class SlideFacts:
+    """What the pipeline learned about the slide."""
+
+    width_px: int
+    height_px: int
+    mpp: float  # microns per level-0 pixel used for tiling
+    base_magnification: float  # 10 / mpp
+    objective_power: float | None  # as stated by the file
+    vendor: str
+    reader_backend: str
+    read_level: int
+    tile_count: int
+    tissue_area_mm2: float
+
+
+@dataclass(frozen=True)
+class TaskPrediction:
+    label: str
+    probabilities: dict[str, float]
+    attention: np.ndarray  # (tile_count,), sums to 1, in the order of SlideResult.level0_coords
+
+
+@dataclass
+class SlideResult:
+    facts: SlideFacts
+    predictions: dict[str, TaskPrediction]
+    level0_coords: np.ndarray  # (tile_count, 2) top-left (x, y) in level-0 pixels
+    tile_size_level0_px: int
+    timings_s: dict[str, float]
+    thumbnail: np.ndarray = field(repr=False)  # RGB uint8 at tissue.um_per_px
+    tissue: TissueMask = field(repr=False)
+    embeddings: np.ndarray = field(repr=False)  # (tile_count, embed_dim) float32
+
+
+def encode_tiles(encoder: TileEncoder, tiles: np.ndarray, precision: Precision = "fp32") -> torch.Tensor:
+    """Class-token embeddings (B, D) float32 of a uint8 NHWC batch, on the encoder's device."""
+    device = next(encoder.parameters()).device
+    batch = torch.from_numpy(tiles).to(device)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if precision == "bf16"
+        else contextlib.nullcontext()
+    )
+    with torch.inference_mode(), autocast:
+        return encoder(batch).float()
+
+
+def _prefetch(batches: Iterator, depth: int, stop: threading.Event) -> Iterator:
+    """Run `batches` on a background thread, `depth` items ahead; re-raise its errors here."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    finished = object()
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                while not stop.is_set():
+                    try:
+                        buffer.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put(finished)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            buffer.put(error)
+
+    producer = threading.Thread(target=produce, name="xmag-tile-reader", daemon=True)
+    producer.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is finished:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        producer.join(timeout=5)
+
+
+def classify_slide(
+    slide_path: str,
+    encoder: TileEncoder,
+    heads: SlideHeads,
+    *,
+    spec: TilingSpec = XMAG_5X,
+    backend: BackendName = "auto",
+    batch_size: int = 32,
+    num_workers: int = 2,
+    precision: Precision = "fp32",
+    fallback_mpp: float | None = None,
+    progress: ProgressCallback | None = None,
+) -> SlideResult:
+    """Run the whole pipeline on one slide; one encode feeds every head.
+
+    Raises the core's typed errors (SlideNotFoundError, NotASlideError,
+    CorruptSlideError, MissingResolutionError, NoTissueError).
+    """
+    timings_s: dict[str, float] = {}
+    started = time.perf_counter()
+    with open_slide(slide_path, backend=backend, num_workers=num_workers) as reader:
+        info = reader.info
+        mpp = resolve_mpp(info, fallback_mpp, slide_path)
+        timings_s["open"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        tissue, thumbnail = tissue_mask_for_slide(reader, mpp, DEFAULT_THUMBNAIL_UM_PER_PX)
+        grid: TileGrid = plan_tile_grid(info, mpp, tissue, spec)
+        timings_s["tissue"] = time.perf_counter() - started
+        if len(grid) == 0:
+            raise NoTissueError(
+                f"No tissue found on {slide_path}: no {spec.tile_size_px} px tile at {spec.target_mpp} µm/px is "
+                f"at least {spec.min_tissue_fraction:.0%} tissue (detected tissue area "
+                f"{tissue.tissue_area_mm2:.3f} mm²). Check that the slide is not blank or out of focus.",
+                slide_path,
+            )
+
+        embeddings = []
+        read_wait_s = 0.0
+        encode_s = 0.0
+        stop = threading.Event()
+        batches = _prefetch(iter_tile_batches(reader, grid, batch_size), depth=2, stop=stop)
+        while True:
+            wait_started = time.perf_counter()
+            next_batch = next(batches, None)
+            read_wait_s += time.perf_counter() - wait_started
+            if next_batch is None:
+                break
+            tiles, _ = next_batch
+            encode_started = time.perf_counter()
+            embeddings.append(encode_tiles(encoder, tiles, precision).cpu())
+            encode_s += time.perf_counter() - encode_started
+            if progress is not None:
+                progress(sum(len(e) for e in embeddings), len(grid))
+        # "read" is the time the encoder waited for tiles, i.e. reading not hidden behind encoding.
+        timings_s["read"] = read_wait_s
+        timings_s["encode"] = encode_s
+
+    started = time.perf_counter()
+    features = torch.cat(embeddings)
+    predictions = {
+        task: TaskPrediction(
+            label=output["label"],
+            probabilities=output["probabilities"],
+            attention=output["attention"].float().numpy(),
+        )
+        for task, output in heads.predict(features).items()
+    }
+    timings_s["heads"] = time.perf_counter() - started
+    facts = SlideFacts(
+        width_px=info.width_px,
+        height_px=info.height_px,
+        mpp=mpp,
+        base_magnification=10.0 / mpp,
+        objective_power=info.objective_power,
+        vendor=info.vendor,
+        reader_backend=info.backend,
+        read_level=grid.read_level,
+        tile_count=len(grid),
+        tissue_area_mm2=tissue.tissue_area_mm2,
+    )
+    return SlideResult(
+        facts=facts,
+        predictions=predictions,
+        level0_coords=grid.level0_coords,
+        tile_size_level0_px=grid.tile_size_level0_px,
+        timings_s=timings_s,
+        thumbnail=thumbnail,
+        tissue=tissue,
+        embeddings=features.numpy(),
+    )

@@ -1,0 +1,1 @@
+"""Slide reading, tissue detection, tiling and synthetic slides."""
