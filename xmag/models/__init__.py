@@ -1,0 +1,47 @@
+"""Model definitions (ViT encoders, ABMIL slide heads) and checkpoint loading."""
+
+from xmag.models.abmil import GatedABMIL, SlideHeads
+from xmag.models.checkpoints import (
+    CHECKPOINT_FORMATS,
+    convert_dinov2_hub,
+    convert_timm,
+    convert_xmag,
+    convert_xmag_release,
+    detect_checkpoint_format,
+    load_encoder_checkpoint,
+    load_vit_weights,
+    read_state_dict,
+    resample_dinov2_pos_embed,
+    save_encoder_checkpoint,
+)
+from xmag.models.encoder import (
+    IMAGENET_MEAN_RGB,
+    IMAGENET_STD_RGB,
+    TileEncoder,
+    build_tile_encoder,
+)
+from xmag.models.vit import VIT_CONFIGS, VisionTransformer, ViTConfig, get_vit_config
+
+__all__ = [
+    "CHECKPOINT_FORMATS",
+    "IMAGENET_MEAN_RGB",
+    "IMAGENET_STD_RGB",
+    "VIT_CONFIGS",
+    "GatedABMIL",
+    "SlideHeads",
+    "TileEncoder",
+    "ViTConfig",
+    "VisionTransformer",
+    "build_tile_encoder",
+    "convert_dinov2_hub",
+    "convert_timm",
+    "convert_xmag",
+    "convert_xmag_release",
+    "detect_checkpoint_format",
+    "get_vit_config",
+    "load_encoder_checkpoint",
+    "load_vit_weights",
+    "read_state_dict",
+    "resample_dinov2_pos_embed",
+    "save_encoder_checkpoint",
+]
