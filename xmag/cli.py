@@ -81,7 +81,7 @@ def make_slide(
         )
     except (XmagError, ValueError) as error:
         _fail(error)
-    typer.echo(f"wrote {slide.path} ({width_px} x {height_px} px at {base_magnification}x, {len(slide.level_dimensions)} levels)")
+    typer.echo(f"wrote {slide.path} ({width_px} x {height_px} px at {base_magnification}x, {len(slide.level_sizes_px)} levels)")
     typer.echo(f"ground truth: {slide.tissue_mask_path}, {slide.lesion_mask_path}")
 
 
@@ -188,8 +188,8 @@ def classify(
 
     from xmag.demo import DEMO_HEADS_NOTICE, DEMO_WEIGHTS_NOTICE, demo_encoder, demo_heads, ensure_demo_slide
     from xmag.heatmap import render_attention_heatmap
-    from xmag.models.checkpoints import load_encoder_checkpoint, load_vit_weights
-    from xmag.models.encoder import TileEncoder, build_tile_encoder
+    from xmag.models.checkpoints import load_encoder
+    from xmag.models.encoder import TileEncoder
     from xmag.pipeline import classify_slide
 
     if precision not in ("fp32", "bf16"):
@@ -202,17 +202,7 @@ def classify(
             encoder = demo_encoder()
             encoder_provenance = {"kind": "untrained-demo", "config": "xmag_vitb14", "seed": 0}
         else:
-            if weights_format in ("auto", "xmag") and weights.suffix == ".safetensors":
-                try:
-                    encoder = TileEncoder(load_encoder_checkpoint(weights)).eval()
-                except XmagError:
-                    if weights_format == "xmag":
-                        raise
-                    encoder = build_tile_encoder(encoder_config)
-                    load_vit_weights(encoder.vit, weights, fmt=weights_format)
-            else:
-                encoder = build_tile_encoder(encoder_config)
-                load_vit_weights(encoder.vit, weights, fmt=weights_format)
+            encoder = TileEncoder(load_encoder(weights, weights_format, encoder_config))
             encoder_provenance = {"kind": "checkpoint", "file": weights.name, "sha256": _sha256(weights)}
         heads = demo_heads(encoder.embed_dim)
         notice = DEMO_WEIGHTS_NOTICE if weights is None else DEMO_HEADS_NOTICE

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from xmag.errors import CheckpointError
-from xmag.models.vit import VIT_CONFIGS, ViTConfig, VisionTransformer
+from xmag.models.vit import VIT_CONFIGS, ViTConfig, VisionTransformer, get_vit_config
 
 CHECKPOINT_FORMATS = ("dinov2_hub", "timm", "xmag_release", "xmag")
 
@@ -320,6 +320,33 @@ def load_encoder_checkpoint(path: str | os.PathLike) -> VisionTransformer:
     _check_fits(model, state_dict, fmt="xmag", source=str(path))
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()
+
+
+def load_encoder(
+    path: str | os.PathLike, fmt: str = "auto", config_name: str = "xmag_vitb14"
+) -> VisionTransformer:
+    """Any supported checkpoint file as a VisionTransformer in eval mode.
+
+    Our own files carry their architecture in their metadata; the official
+    formats (DINOv2 hub, timm, XMAG release) are loaded into the named
+    configuration of VIT_CONFIGS.
+    """
+    path = Path(path)
+    if fmt == "xmag" or (fmt == "auto" and _is_xmag_encoder_file(path)):
+        return load_encoder_checkpoint(path)
+    model = VisionTransformer(get_vit_config(config_name))
+    load_vit_weights(model, path, fmt)
+    return model.eval()
+
+
+def _is_xmag_encoder_file(path: Path) -> bool:
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return False
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
+            return (handle.metadata() or {}).get("format") == XMAG_ENCODER_FORMAT_TAG
+    except Exception:  # noqa: BLE001 - unreadable files get their clear error from the full read
+        return False
 
 
 def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

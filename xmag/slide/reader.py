@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
 import numpy as np
+import tifffile
 
 from xmag.errors import (
+    CorruptSlideError,
     MissingResolutionError,
     NotASlideError,
     SlideNotFoundError,
@@ -169,6 +171,38 @@ def _is_tiff(path: str) -> bool:
         return handle.read(4) in _TIFF_MAGICS
 
 
+def check_tiff_integrity(path: str) -> None:
+    """Raise CorruptSlideError when a TIFF's structure is broken or its image data runs past the end of the file.
+
+    OpenSlide and cuCIM react to a truncated TIFF in different ways (refusing
+    it as an unknown format, or opening it with levels silently missing), so
+    the check runs once, here, before either backend sees the file. It reads
+    only the image directories, not the pixels.
+    """
+    file_size = os.path.getsize(path)
+
+    def corrupt(reason: str) -> CorruptSlideError:
+        return CorruptSlideError(
+            f"{path} is a damaged TIFF: {reason}. The file is probably truncated (an interrupted copy "
+            "or upload); copy it again from the scanner.",
+            path,
+        )
+
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            pages = list(tiff.pages)
+            if not pages:
+                raise corrupt("it has no readable image directory")
+            for page in pages:
+                data_ends = np.asarray(page.dataoffsets, dtype=np.int64) + np.asarray(page.databytecounts, dtype=np.int64)
+                if (data_ends > file_size).any():
+                    raise corrupt(
+                        f"image data of directory {page.index} lies beyond the end of the file ({file_size} bytes)"
+                    )
+    except tifffile.TiffFileError as error:
+        raise corrupt(str(error)) from error
+
+
 def open_slide(path: str | os.PathLike, backend: BackendName = "auto", num_workers: int = 2) -> SlideReader:
     """Open a slide with the requested backend.
 
@@ -177,6 +211,8 @@ def open_slide(path: str | os.PathLike, backend: BackendName = "auto", num_worke
     OpenSlide then gives the specific error.
     """
     slide_path = _check_path(path)
+    if _is_tiff(slide_path):
+        check_tiff_integrity(slide_path)
     # Imported here so that the core does not load both native libraries when only one is used.
     from xmag.slide.openslide_reader import OpenSlideReader
 

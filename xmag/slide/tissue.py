@@ -93,7 +93,11 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of values in 0..1 (maximises between-class variance)."""
+    """Otsu's threshold of values in 0..1: values above it form the upper class.
+
+    Returns the upper edge of the last bin of the lower class, the split that
+    maximises the between-class variance.
+    """
     histogram, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
     centres = (edges[:-1] + edges[1:]) / 2
     weight_low = np.cumsum(histogram)
@@ -102,7 +106,7 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     mean_low = sum_low / np.maximum(weight_low, 1)
     mean_high = (sum_low[-1] - sum_low) / np.maximum(weight_high, 1)
     between_variance = weight_low * weight_high * (mean_low - mean_high) ** 2
-    return float(centres[int(np.argmax(between_variance))])
+    return float(edges[int(np.argmax(between_variance)) + 1])
 
 
 def detect_tissue(

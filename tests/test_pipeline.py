@@ -1,0 +1,126 @@
+"""The in-process pipeline and the `xmag` command, end to end on generated slides."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from test_errors import damage_tiles
+
+from xmag.cli import app
+from xmag.errors import CorruptSlideError
+from xmag.heatmap import render_attention_heatmap
+from xmag.models.abmil import SlideHeads
+from xmag.models.checkpoints import save_encoder_checkpoint
+from xmag.models.encoder import build_tile_encoder
+from xmag.pipeline import classify_slide, encode_tiles
+from xmag.slide.reader import open_slide
+from xmag.slide.tiling import XMAG_5X, iter_tile_batches, plan_tile_grid
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    encoder = build_tile_encoder("tiny_dinov2", seed=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        heads = SlideHeads.from_class_names(
+            {"tumour": ["benign", "malignant"], "grade": ["1", "2", "3"]}, in_dim=encoder.embed_dim
+        ).eval()
+    return encoder, heads
+
+
+def test_one_encode_feeds_every_head(slide_20x, tiny_models, backend):
+    encoder, heads = tiny_models
+    seen = []
+    result = classify_slide(
+        str(slide_20x.path), encoder, heads, backend=backend, batch_size=5, progress=lambda done, total: seen.append((done, total))
+    )
+    tile_count = result.facts.tile_count
+    assert tile_count == len(result.level0_coords) == len(result.embeddings) > 0
+    assert set(result.predictions) == {"tumour", "grade"}
+    for task, prediction in result.predictions.items():
+        assert prediction.attention.shape == (tile_count,)
+        assert prediction.attention.sum() == pytest.approx(1.0, abs=1e-5)
+        assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+        assert prediction.label == max(prediction.probabilities, key=prediction.probabilities.get)
+    assert seen[-1] == (tile_count, tile_count)
+    assert set(result.timings_s) == {"open", "tissue", "read", "encode", "heads"}
+    assert result.facts.mpp == pytest.approx(0.5) and result.facts.base_magnification == pytest.approx(20)
+    assert result.facts.reader_backend == backend and result.facts.read_level == 1
+
+    # The overlapped reader did not reorder or drop tiles: encoding the grid directly gives the same embeddings.
+    with open_slide(slide_20x.path, backend="openslide") as reader:
+        grid = plan_tile_grid(reader.info, 0.5, result.tissue, XMAG_5X)
+        direct = torch.cat([encode_tiles(encoder, tiles) for tiles, _ in iter_tile_batches(reader, grid, 16)])
+    np.testing.assert_allclose(result.embeddings, direct.numpy(), atol=1e-4)
+    expected = heads.predict(direct)
+    for task in heads.class_names:
+        np.testing.assert_allclose(result.predictions[task].attention, expected[task]["attention"].numpy(), atol=1e-5)
+
+
+def test_a_reader_error_midway_surfaces_and_stops(tmp_path, slide_20x, tiny_models, backend):
+    damaged = tmp_path / "damaged.svs"
+    damage_tiles(slide_20x.path, damaged, page_index=2, first_tile=40)  # the lower half of level 1
+    encoder, heads = tiny_models
+    with pytest.raises(CorruptSlideError):
+        classify_slide(str(damaged), encoder, heads, backend=backend, batch_size=4)
+    assert not [thread for thread in threading.enumerate() if thread.name == "xmag-tile-reader"]
+
+
+def test_heatmap_is_brightest_at_the_highest_attention(slide_20x, tiny_models):
+    encoder, heads = tiny_models
+    result = classify_slide(str(slide_20x.path), encoder, heads, backend="openslide")
+    attention = result.predictions["tumour"].attention
+    scale = result.tissue.level0_px_per_mask_px
+    image = np.asarray(
+        render_attention_heatmap(result.thumbnail, scale, result.level0_coords, result.tile_size_level0_px, attention)
+    )
+    assert image.shape == result.thumbnail.shape
+
+    def tile_brightness(index):
+        x, y = (result.level0_coords[index] / scale).astype(int)
+        side = int(result.tile_size_level0_px / scale)
+        return image[y : y + side, x : x + side].astype(float).mean()
+
+    assert tile_brightness(int(attention.argmax())) > tile_brightness(int(attention.argmin()))
+
+
+def test_cli_classify_with_an_xmag_checkpoint(tmp_path, slide_20x):
+    encoder = build_tile_encoder("tiny_dinov2", seed=3)
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_encoder_checkpoint(encoder.vit, checkpoint)
+    result = CliRunner().invoke(
+        app, ["classify", str(slide_20x.path), "--weights", str(checkpoint), "--out", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "UNTRAINED DEMO HEADS" in result.output
+    saved = json.loads((tmp_path / "out" / "glass_20x.result.json").read_text())
+    assert saved["weights"]["encoder"]["kind"] == "checkpoint"
+    assert len(saved["weights"]["encoder"]["sha256"]) == 64
+    heatmap = Image.open(tmp_path / "out" / "glass_20x.demo_lesion.heatmap.png")
+    assert heatmap.size[0] > 100
+
+
+def test_main_job_on_the_embedded_default(tmp_path):
+    """`xmag classify` with no arguments: demo slide, untrained demo weights, labelled as such."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "xmag", "classify", "--out", str(tmp_path), "--precision", "bf16"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "UNTRAINED DEMO WEIGHTS" in completed.stdout
+    assert "demo_lesion:" in completed.stdout
+    saved = json.loads((tmp_path / "demo_slide.result.json").read_text())
+    assert saved["weights"]["encoder"]["kind"] == "untrained-demo"
+    assert saved["slide"]["tile_count"] == len(saved["level0_coords"]) > 0
+    assert (tmp_path / "demo_slide.demo_lesion.heatmap.png").exists()

@@ -1,0 +1,5 @@
+"""`python -m xmag` runs the command line."""
+
+from xmag.cli import app
+
+app()
