@@ -66,12 +66,12 @@ def test_one_encode_feeds_every_head(slide_20x, tiny_models, backend):
         np.testing.assert_allclose(result.predictions[task].attention, expected[task]["attention"].numpy(), atol=1e-5)
 
 
-def test_a_reader_error_midway_surfaces_and_stops(tmp_path, slide_20x, tiny_models, backend):
+def test_a_reader_error_midway_surfaces_and_stops(tmp_path, slide_20x, tiny_models):
     damaged = tmp_path / "damaged.svs"
-    damage_tiles(slide_20x.path, damaged, page_index=2, first_tile=40)  # the lower half of level 1
+    damage_tiles(slide_20x.path, damaged, page_index=2, first_tile=40, keep_bytes=2)  # lower half of level 1
     encoder, heads = tiny_models
     with pytest.raises(CorruptSlideError):
-        classify_slide(str(damaged), encoder, heads, backend=backend, batch_size=4)
+        classify_slide(str(damaged), encoder, heads, batch_size=4)
     assert not [thread for thread in threading.enumerate() if thread.name == "xmag-tile-reader"]
 
 

@@ -90,10 +90,9 @@ def test_associated_images_are_rgb(slide_20x, backend):
             reader.associated_image("no-such-image")
 
 
-def test_auto_backend_prefers_cucim_when_installed(slide_20x):
-    require_cucim()
+def test_default_backend_is_openslide(slide_20x):
     with open_slide(slide_20x.path) as reader:
-        assert reader.info.backend == "cucim"
+        assert reader.info.backend == "openslide"
 
 
 def test_best_level_never_upsamples(slide_20x):

@@ -117,7 +117,7 @@ def classify_slide(
     heads: SlideHeads,
     *,
     spec: TilingSpec = XMAG_5X,
-    backend: BackendName = "auto",
+    backend: BackendName = "openslide",
     batch_size: int = 32,
     num_workers: int = 2,
     precision: Precision = "fp32",

@@ -3,10 +3,15 @@
 It runs on the CPU when no GPU is present.
 
 cuCIM does not raise when a tile's compressed data cannot be decoded: it
-prints a message and leaves those pixels black. Pure black is a colour that
-neither stained tissue nor glass takes, so any region with a black patch is
-read again through OpenSlide, which raises CorruptSlideError on damaged data
-(and otherwise returns the same pixels, as the backend parity tests show).
+prints a message and leaves the output unwritten, which is often black and
+sometimes stale pixels of other tiles (seen with cuCIM 26.10). Two defences:
+`open_slide` refuses files whose JPEG tiles do not start like JPEG (the
+zeroed blocks an interrupted copy leaves), and any region with a pure-black
+patch, a colour neither stained tissue nor glass takes, is read again through
+OpenSlide, which raises CorruptSlideError on damaged data (and otherwise
+returns the same pixels, as the backend parity tests show). Damage inside a
+JPEG stream that leaves stale pixels can still pass unnoticed with this
+backend; OpenSlide, the default, reports it.
 
 Regions are read one by one on the base class's thread pool, not through
 cuCIM's batched `read_region(locations, ...)` iterator: on a slide with

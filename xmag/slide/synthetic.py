@@ -62,7 +62,9 @@ _MACRO_SIZE_PX = (1280, 431)  # width, height: a 75 x 25 mm glass slide seen fro
 # Rendering is numpy-bound and numpy releases the GIL in its inner loops, so
 # threads render tiles in parallel (about 1.8x on two cores); beyond eight the
 # GIL-held glue code dominates.
-_RENDER_THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+_RENDER_THREADS = min(
+    8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+)
 
 _BACKGROUND_LEVELS = {"white": 242.0, "grey": 208.0}
 
@@ -162,7 +164,10 @@ def make_synthetic_slide(
         base_magnification: objective power of level 0; mpp = 10 / base_magnification.
         levels: number of pyramid levels (4x apart); None adds levels until the
             smallest one is at most two tiles on its shorter side; 1 gives a single-level slide.
-        tile_size_px: TIFF tile side, a multiple of 16 (JPEG chroma subsampling).
+            Level k is floor(size / 4**k) as in Aperio files, so unless width and height
+            are multiples of 4**k its downsample is not exactly 4**k (OpenSlide then
+            resamples level-k reads by a fraction of a pixel, cuCIM does not).
+        tile_size_px: TIFF tile side, a multiple of 16 (TIFF requires it).
         seed: everything drawn at random follows from it; same seed, same tissue.
         tissue: "blobs" (irregular pieces of tissue), "full" (all tissue) or "none" (blank glass).
         n_lesions: number of lesions planted inside the tissue.
@@ -303,26 +308,23 @@ def _um_box_to_level0_px(box_um: tuple[float, float, float, float], mpp: float, 
 class _SlideGeometry:
     """Where tissue and lesions are, as smooth fields on the ground-truth mask grid.
 
-    A field is positive inside its region. Mask pixel (row, col) covers
-    [col * 8, (col + 1) * 8) um horizontally, so its centre is at (col + 0.5) * 8 um.
-    Rendering samples the same fields, bilinearly interpolated, at every pixel
-    centre, so the image shows exactly the tissue the mask records (at pixels
-    that coincide with mask centres) or within one mask pixel of it (elsewhere).
+    A field is positive inside its region, and the masks are its sign at the
+    mask pixel centres: mask pixel (row, col) covers [col * 8, (col + 1) * 8) um
+    horizontally, so its centre is at (col + 0.5) * 8 um. Rendering reads the
+    same fields (see `coverage`), so the image shows the tissue the mask records.
 
     The random layout is drawn in units of the slide's shorter side, so it
     depends on the seed and the physical extent only, not on the magnification.
     """
 
     def __init__(self, *, width_um: float, height_um: float, seed: int, tissue: str, n_lesions: int):
-        self.width_um = width_um
-        self.height_um = height_um
         mask_cols = max(1, math.ceil(width_um / MASK_UM_PER_PX))
         mask_rows = max(1, math.ceil(height_um / MASK_UM_PER_PX))
         # Mask-pixel centres in units of the shorter side ("s-units").
         short_side_um = min(width_um, height_um)
-        self._s_per_mask_px = MASK_UM_PER_PX / short_side_um
-        s_x = ((np.arange(mask_cols, dtype=np.float32) + 0.5) * self._s_per_mask_px)[None, :]
-        s_y = ((np.arange(mask_rows, dtype=np.float32) + 0.5) * self._s_per_mask_px)[:, None]
+        s_per_mask_px = MASK_UM_PER_PX / short_side_um
+        s_x = ((np.arange(mask_cols, dtype=np.float32) + 0.5) * s_per_mask_px)[None, :]
+        s_y = ((np.arange(mask_rows, dtype=np.float32) + 0.5) * s_per_mask_px)[:, None]
         extent_s = (width_um / short_side_um, height_um / short_side_um)
 
         if tissue == "full":
@@ -376,11 +378,19 @@ class _SlideGeometry:
             # Keep later lesions out of this one and a margin around it.
             depth[distance_s[::step, ::step] < 2.2 * radius_s] = 0
 
-    def sample(self, x_um: np.ndarray, y_um: np.ndarray, field: np.ndarray) -> np.ndarray | bool:
-        """Whether each point of the grid x_um (columns) x y_um (rows) lies inside `field`.
+    def coverage(self, x_um: np.ndarray, y_um: np.ndarray, field: np.ndarray, um_per_px: float):
+        """How much of each pixel of the grid x_um (columns) x y_um (rows) lies inside `field`.
 
-        Returns a bool array (rows, columns), or a plain bool when the whole grid is
-        on one side (the common case, spared the interpolation).
+        Pixels are `um_per_px` wide and centred on the given points. Returns a float32
+        array (rows, columns) in [0, 1], or a float32 scalar 0 or 1 when the whole grid
+        is on one side (the common case, spared the arithmetic).
+
+        The outline is antialiased, as a scanner's pixels integrate light over
+        their area: the field is interpolated bilinearly, its signed distance to
+        the outline estimated from its value and gradient, and the coverage
+        ramps from 0 to 1 across one pixel. So a level rendered at 8 um/px matches
+        one rendered at 4 um/px and averaged 2 x 2, and a pixel is more than half
+        covered exactly where the mask (the field's sign) says tissue.
         """
         # Continuous mask-grid coordinates of the pixel centres, and the 2x2 mask
         # pixels around each one.
@@ -395,14 +405,25 @@ class _SlideGeometry:
         # every mask pixel under the grid has one sign, so does the result.
         block = field[row0[0] : row1[-1] + 1, col0[0] : col1[-1] + 1]
         if (block > 0).all():
-            return True
+            return np.float32(1.0)
         if (block <= 0).all():
-            return False
+            return np.float32(0.0)
         fx = np.clip(col - col0, 0.0, 1.0).astype(np.float32)[None, :]
         fy = np.clip(row - row0, 0.0, 1.0).astype(np.float32)[:, None]
-        top = field[row0[:, None], col0[None, :]] * (1 - fx) + field[row0[:, None], col1[None, :]] * fx
-        bottom = field[row1[:, None], col0[None, :]] * (1 - fx) + field[row1[:, None], col1[None, :]] * fx
-        return (top * (1 - fy) + bottom * fy) > 0
+        flat = field.reshape(-1)
+        top_left = flat.take(row0[:, None] * n_cols + col0[None, :])
+        top_right = flat.take(row0[:, None] * n_cols + col1[None, :])
+        bottom_left = flat.take(row1[:, None] * n_cols + col0[None, :])
+        bottom_right = flat.take(row1[:, None] * n_cols + col1[None, :])
+        top = top_left + (top_right - top_left) * fx
+        bottom = bottom_left + (bottom_right - bottom_left) * fx
+        value = top + (bottom - top) * fy
+        # Gradient of the interpolant, per mask pixel.
+        slope_x = (top_right - top_left) * (1 - fy) + (bottom_right - bottom_left) * fy
+        slope_y = bottom - top
+        slope = np.maximum(np.sqrt(slope_x * slope_x + slope_y * slope_y), np.float32(1e-6))
+        distance_px = value / slope * np.float32(MASK_UM_PER_PX / um_per_px)
+        return np.clip(0.5 + distance_px, 0.0, 1.0)
 
 
 def _tissue_blobs_field(rng, s_x, s_y, extent_s) -> np.ndarray:
@@ -480,11 +501,13 @@ class _Renderer:
             half = finer.shape[0] // 2
             self.texture_mips.append(finer.reshape(half, 2, half, 2, 2).mean(axis=(1, 3)))
 
-    def render(self, x0_px: int, y0_px: int, width_px: int, height_px: int, um_per_px: float, noise_key) -> np.ndarray:
+    def render(
+        self, x0_px: int, y0_px: int, width_px: int, height_px: int, um_per_px: float, noise_key: tuple[int, ...]
+    ) -> np.ndarray:
         """RGB uint8 (height_px, width_px, 3) of the rectangle whose top-left pixel is (x0_px, y0_px).
 
         Pixel coordinates are in a grid of `um_per_px`; pixel i covers
-        [i * um_per_px, (i + 1) * um_per_px) um. `noise_key` (a tuple of ints)
+        [i * um_per_px, (i + 1) * um_per_px) um. `noise_key` (non-negative ints)
         seeds the per-pixel sensor noise, so each rectangle is reproducible.
         """
         x_um = ((np.arange(width_px) + x0_px + 0.5) * um_per_px).astype(np.float32)
@@ -493,8 +516,8 @@ class _Renderer:
         sensor_noise = rng.integers(-2, 3, size=(height_px, width_px, 3), dtype=np.int8)
 
         geometry = self.geometry
-        tissue = geometry.sample(x_um, y_um, geometry.tissue_field)
-        if tissue is False:
+        tissue = geometry.coverage(x_um, y_um, geometry.tissue_field, um_per_px)
+        if not np.any(tissue):
             background = np.full((height_px, width_px, 3), self.background_level, dtype=np.float32)
             return np.clip(background + sensor_noise, 0, 255).astype(np.uint8)
 
@@ -504,33 +527,35 @@ class _Renderer:
         eosin = 0.35 + 0.5 * fibres
         hematoxylin, eosin = _paint_nuclei(hematoxylin, eosin, _NORMAL_NUCLEI, x_um, y_um, um_per_px, mottle, self.seed)
 
-        lesion = geometry.sample(x_um, y_um, geometry.lesion_field)
-        if lesion is not False:
+        lesion = geometry.coverage(x_um, y_um, geometry.lesion_field, um_per_px)
+        if np.any(lesion):
             # Lesion: lilac cytoplasm instead of stroma, crowded dark nuclei on top.
-            lesion_hematoxylin = np.broadcast_to(0.3 + 0.1 * mottle, mottle.shape)
-            lesion_eosin = np.broadcast_to(np.float32(0.3), mottle.shape)
             lesion_hematoxylin, lesion_eosin = _paint_nuclei(
-                lesion_hematoxylin, lesion_eosin, _LESION_NUCLEI, x_um, y_um, um_per_px, mottle, self.seed
+                0.3 + 0.1 * mottle, np.float32(0.3), _LESION_NUCLEI, x_um, y_um, um_per_px, mottle, self.seed
             )
-            hematoxylin = np.where(lesion, lesion_hematoxylin, hematoxylin)
-            eosin = np.where(lesion, lesion_eosin, eosin)
+            hematoxylin = hematoxylin + lesion * (lesion_hematoxylin - hematoxylin)
+            eosin = eosin + lesion * (lesion_eosin - eosin)
 
         optical_density = (
             hematoxylin[..., None] * (self.stain_scale * _HEMATOXYLIN_OD)
             + eosin[..., None] * (self.stain_scale * _EOSIN_OD)
         )
         stained = self.background_level * np.exp(-optical_density)
-        image = np.where(np.asarray(tissue)[..., None], stained, np.float32(self.background_level))
+        # Partly covered pixels at the outline mix tissue and glass light.
+        image = self.background_level + np.asarray(tissue)[..., None] * (stained - self.background_level)
         return np.clip(image + sensor_noise, 0, 255).astype(np.uint8)
 
     def _texture(self, x_um: np.ndarray, y_um: np.ndarray, um_per_px: float) -> tuple[np.ndarray, np.ndarray]:
         """(fibres, mottle) in (0, 1), each (rows, cols), from the mip no finer than the pixels."""
-        mip = int(np.clip(math.floor(math.log2(max(um_per_px / _TEXTURE_UM_PER_TEXEL, 1.0))), 0, len(self.texture_mips) - 1))
+        finest_allowed = math.floor(math.log2(max(um_per_px / _TEXTURE_UM_PER_TEXEL, 1.0)))
+        mip = min(finest_allowed, len(self.texture_mips) - 1)
         texture = self.texture_mips[mip]
         texel_um = _TEXTURE_UM_PER_TEXEL * 2**mip
-        cols = np.floor(x_um / texel_um).astype(np.int64) % texture.shape[1]
-        rows = np.floor(y_um / texel_um).astype(np.int64) % texture.shape[0]
-        sampled = texture[rows[:, None], cols[None, :]]
+        size = texture.shape[0]
+        cols = np.floor(x_um / texel_um).astype(np.int64) % size
+        rows = np.floor(y_um / texel_um).astype(np.int64) % size
+        # A flat `take` is several times faster than 2-D fancy indexing.
+        sampled = texture.reshape(-1, 2).take(rows[:, None] * size + cols[None, :], axis=0)
         return sampled[..., 0], sampled[..., 1]
 
 
@@ -557,17 +582,19 @@ def _paint_nuclei(hematoxylin, eosin, kind: _NucleusKind, x_um, y_um, um_per_px:
     centre_y = (grid_rows + 0.5) * cell + (draws[1] - 0.5) * (cell - 2 * radius)
     rim_um = float(np.clip(um_per_px, 0.5, radius_min))
     # Absent nuclei get a radius that no pixel's ramp reaches.
-    radius = np.where(draws[3] < kind.presence, radius, -rim_um).astype(np.float32)
-    centre_x = centre_x.astype(np.float32)
-    centre_y = centre_y.astype(np.float32)
+    radius = np.where(draws[3] < kind.presence, radius, -rim_um)
+    # One row per cell: (centre x, centre y, radius), so each neighbour is a single `take`.
+    nuclei = np.stack([centre_x, centre_y, radius], axis=-1).reshape(-1, 3).astype(np.float32)
 
     coverage = np.full((y_um.size, x_um.size), -np.inf, dtype=np.float32)
     for d_row in (0, 1):
-        rows = (row_first - cell_rows[0] + d_row)[:, None]
+        row_offsets = ((row_first - cell_rows[0] + d_row) * cell_cols.size)[:, None]
         for d_col in (0, 1):
-            cols = (col_first - cell_cols[0] + d_col)[None, :]
-            distance = np.hypot(x_um[None, :] - centre_x[rows, cols], y_um[:, None] - centre_y[rows, cols])
-            np.maximum(coverage, 0.5 + (radius[rows, cols] - distance) / rim_um, out=coverage)
+            nucleus = nuclei.take(row_offsets + (col_first - cell_cols[0] + d_col)[None, :], axis=0)
+            dx = x_um[None, :] - nucleus[..., 0]
+            dy = y_um[:, None] - nucleus[..., 1]
+            distance = np.sqrt(dx * dx + dy * dy)  # np.hypot is several times slower
+            np.maximum(coverage, 0.5 + (nucleus[..., 2] - distance) / rim_um, out=coverage)
     # A ragged rim (+-0.4 um): the mottle texture shifts the edge. At coarse
     # levels the mottle mip is flat and this vanishes, as it should.
     coverage += (mottle - 0.5) * (0.8 / rim_um)
@@ -599,7 +626,7 @@ def _cell_random(cols: np.ndarray, rows: np.ndarray, seed: int, stream: int) -> 
         key ^= key >> np.uint64(29)
         key *= np.uint64(0x94D049BB133111EB)
         key ^= key >> np.uint64(32)
-    return (key >> np.uint64(11)).astype(np.float64) / float(2**53)
+    return (key >> np.uint64(40)).astype(np.float32) / np.float32(2**24)
 
 
 # --------------------------------------------------------------------------- TIFF writing
@@ -619,6 +646,7 @@ def _write_aperio_tiff(
     associated_images: bool,
     seed: int,
 ) -> None:
+    """Write the Aperio-style TIFF; directory order as in the module docstring."""
     width_px, height_px = level_sizes[0]
     tile = tile_size_px
     fields = [f"{width_px}x{height_px} [0,0 {width_px}x{height_px}] ({tile}x{tile}) JPEG/RGB Q={jpeg_quality}"]
@@ -631,19 +659,23 @@ def _write_aperio_tiff(
     properties = "|".join(fields[1:])
     level0_description = f"{_APERIO_HEADER}\r\n{fields[0]}|{properties}"
 
-    # Both OpenSlide and cuCIM decode with libjpeg-turbo and its default (fancy)
-    # chroma upsampling, so YCbCr 4:2:0 tiles, the scanners' usual choice, decode
-    # to identical pixels in both.
+    # YCbCr JPEG without chroma subsampling (4:4:4). OpenSlide and cuCIM decode
+    # it to identical pixels (both use libjpeg-turbo; they agree on 4:2:0 too).
+    # Full-resolution chroma keeps small purple nuclei purple at every level and
+    # halves the JPEG colour bleed at tissue edges, which differs between a
+    # 20x level and a 40x level brought to the same scale; the price is ~1/3
+    # larger files than 4:2:0.
     jpeg = dict(
         photometric="rgb",
         compression="jpeg",
         compressionargs={"level": jpeg_quality},
-        subsampling=(2, 2),
+        subsampling=(1, 1),
         metadata=None,
         software=False,
     )
     # Classic TIFF offsets stop at 4 GiB; decide from the raw size, an upper bound of the JPEG size.
     bigtiff = width_px * height_px * 3 > 2**32 - 2**28
+    thumbnail = _thumbnail(renderer, width_px, height_px, mpp) if associated_images else None
     with tifffile.TiffWriter(slide_path, bigtiff=bigtiff) as tiff:
         for level, (level_width, level_height) in enumerate(level_sizes):
             if level == 0:
@@ -664,15 +696,16 @@ def _write_aperio_tiff(
                 maxworkers=1,
                 **jpeg,
             )
-            if level == 0 and associated_images:
-                thumbnail = _thumbnail(renderer, width_px, height_px, mpp)
+            if level == 0 and thumbnail is not None:
                 thumb_height, thumb_width = thumbnail.shape[:2]
                 tiff.write(
                     thumbnail,
-                    description=f"{_APERIO_HEADER}\r\n{width_px}x{height_px} -> {thumb_width}x{thumb_height} - |{properties}",
+                    description=(
+                        f"{_APERIO_HEADER}\r\n{width_px}x{height_px} -> {thumb_width}x{thumb_height} - |{properties}"
+                    ),
                     **jpeg,
                 )
-        if associated_images:
+        if thumbnail is not None:
             label = _label_image(seed)
             tiff.write(
                 label,
@@ -692,7 +725,9 @@ def _write_aperio_tiff(
             )
 
 
-def _level_tiles(renderer: _Renderer, level: int, width_px: int, height_px: int, tile: int, um_per_px: float) -> Iterator[np.ndarray]:
+def _level_tiles(
+    renderer: _Renderer, level: int, width_px: int, height_px: int, tile: int, um_per_px: float
+) -> Iterator[np.ndarray]:
     """The tiles of one level in TIFF order (row-major), rendered a few at a time in threads.
 
     Edge tiles are rendered whole; the part beyond the level's size is stored
@@ -701,7 +736,8 @@ def _level_tiles(renderer: _Renderer, level: int, width_px: int, height_px: int,
 
     def render_tile(row_col: tuple[int, int]) -> np.ndarray:
         tile_row, tile_col = row_col
-        return renderer.render(tile_col * tile, tile_row * tile, tile, tile, um_per_px, noise_key=(1 + level, tile_row, tile_col))
+        noise_key = (1 + level, tile_row, tile_col)
+        return renderer.render(tile_col * tile, tile_row * tile, tile, tile, um_per_px, noise_key=noise_key)
 
     positions = ((row, col) for row in range(math.ceil(height_px / tile)) for col in range(math.ceil(width_px / tile)))
     return _ordered_map(render_tile, positions, threads=_RENDER_THREADS)
@@ -724,7 +760,15 @@ def _thumbnail(renderer: _Renderer, width_px: int, height_px: int, mpp: float) -
     downsample = max(1.0, max(width_px, height_px) / _THUMBNAIL_MAX_SIDE_PX)
     thumb_width = max(1, round(width_px / downsample))
     thumb_height = max(1, round(height_px / downsample))
-    return renderer.render(0, 0, thumb_width, thumb_height, mpp * downsample, noise_key=(0,))  # tiles use (1 + level, row, column)
+    # In bands of rows: one render call allocates per-nucleus arrays for every
+    # lattice cell it covers, which for the whole slide would be hundreds of MB.
+    # Noise keys (0, row) stay clear of the tiles' (1 + level, row, column).
+    band_height = 64
+    bands = [
+        renderer.render(0, top, thumb_width, min(band_height, thumb_height - top), mpp * downsample, noise_key=(0, top))
+        for top in range(0, thumb_height, band_height)
+    ]
+    return np.concatenate(bands)
 
 
 def _label_image(seed: int) -> np.ndarray:
