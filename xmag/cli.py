@@ -33,6 +33,11 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _advance(bar: tqdm, done: int, total: int) -> None:
+    bar.total = total
+    bar.update(done - bar.n)
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"xmag {__version__}")
@@ -65,21 +70,23 @@ def make_slide(
     from xmag.slide.synthetic import make_synthetic_slide
 
     try:
-        slide = make_synthetic_slide(
-            output,
-            width_px=width_px,
-            height_px=height_px,
-            base_magnification=base_magnification,
-            levels=levels,
-            seed=seed,
-            tissue=tissue,
-            n_lesions=lesions,
-            background=background,
-            faint=faint,
-            write_mpp=mpp,
-            write_objective_power=objective_power,
-        )
-    except (XmagError, ValueError) as error:
+        with tqdm(total=0, unit="tile", desc="writing", file=sys.stderr, disable=None) as bar:
+            slide = make_synthetic_slide(
+                output,
+                width_px=width_px,
+                height_px=height_px,
+                base_magnification=base_magnification,
+                levels=levels,
+                seed=seed,
+                tissue=tissue,
+                n_lesions=lesions,
+                background=background,
+                faint=faint,
+                write_mpp=mpp,
+                write_objective_power=objective_power,
+                progress=lambda done, total: _advance(bar, done, total),
+            )
+    except (XmagError, ValueError, OSError) as error:
         _fail(error)
     typer.echo(f"wrote {slide.path} ({width_px} x {height_px} px at {base_magnification}x, {len(slide.level_sizes_px)} levels)")
     typer.echo(f"ground truth: {slide.tissue_mask_path}, {slide.lesion_mask_path}")
@@ -184,36 +191,29 @@ def classify(
     fallback_mpp: Optional[float] = typer.Option(None, "--mpp", help="Scan resolution to use if the slide states none."),
 ) -> None:
     """Classify one slide in-process: tissue, 5x tiles, encoder, MIL heads, attention heatmap."""
-    import torch
-
     from xmag.demo import DEMO_HEADS_NOTICE, DEMO_WEIGHTS_NOTICE, demo_encoder, demo_heads, ensure_demo_slide
-    from xmag.heatmap import render_attention_heatmap
     from xmag.models.checkpoints import load_encoder
     from xmag.models.encoder import TileEncoder
     from xmag.pipeline import classify_slide
 
-    if precision not in ("fp32", "bf16"):
-        _fail(ValueError(f"precision must be fp32 or bf16, got {precision!r}"))
     try:
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
         if slide_path is None:
             slide_path = ensure_demo_slide(output_dir / "demo").path
             typer.echo(f"demo slide: {slide_path} (generated; 20x, one planted lesion)")
         if weights is None:
             encoder = demo_encoder()
-            encoder_provenance = {"kind": "untrained-demo", "config": "xmag_vitb14", "seed": 0}
+            provenance = {"encoder": {"kind": "untrained-demo", "config": "xmag_vitb14", "seed": 0}}
+            notice = DEMO_WEIGHTS_NOTICE
         else:
             encoder = TileEncoder(load_encoder(weights, weights_format, encoder_config))
-            encoder_provenance = {"kind": "checkpoint", "file": weights.name, "sha256": _sha256(weights)}
+            provenance = {"encoder": {"kind": "checkpoint", "file": weights.name, "sha256": _sha256(weights)}}
+            notice = DEMO_HEADS_NOTICE
+        provenance["heads"] = {"kind": "untrained-demo", "seed": 0}
         heads = demo_heads(encoder.embed_dim)
-        notice = DEMO_WEIGHTS_NOTICE if weights is None else DEMO_HEADS_NOTICE
         typer.secho(notice, fg=typer.colors.YELLOW)
-
         with tqdm(total=0, unit="tile", desc="encoding", file=sys.stderr, disable=None) as bar:
-
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
-
             result = classify_slide(
                 str(slide_path),
                 encoder,
@@ -222,11 +222,17 @@ def classify(
                 batch_size=batch_size,
                 precision=precision,
                 fallback_mpp=fallback_mpp,
-                progress=progress,
+                progress=lambda done, total: _advance(bar, done, total),
             )
-    except (XmagError, ValueError) as error:
+        _print_result(result)
+        written = _write_result(result, output_dir, Path(slide_path).stem, provenance, notice)
+    except (XmagError, ValueError, OSError) as error:
         _fail(error)
+    for path in written:
+        typer.echo(f"{'result' if path.suffix == '.json' else 'heatmap'}: {path}")
 
+
+def _print_result(result) -> None:
     facts = result.facts
     typer.echo(
         f"slide: {facts.width_px} x {facts.height_px} px, {facts.mpp:g} µm/px ({facts.base_magnification:g}x), "
@@ -238,8 +244,12 @@ def classify(
         typer.echo(f"{task}: {prediction.label}  ({probabilities})")
     typer.echo("timings: " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in result.timings_s.items()))
 
+
+def _write_result(result, output_dir: Path, stem: str, provenance: dict, notice: str) -> list[Path]:
+    """One heatmap PNG per task and one result JSON; returns their paths."""
+    from xmag.heatmap import render_attention_heatmap
+
     output_dir.mkdir(parents=True, exist_ok=True)
-    stem = Path(slide_path).stem
     written = []
     for task, prediction in result.predictions.items():
         heatmap_path = output_dir / f"{stem}.{task}.heatmap.png"
@@ -255,8 +265,8 @@ def classify(
     result_path.write_text(
         json.dumps(
             {
-                "slide": facts.__dict__,
-                "weights": {"encoder": encoder_provenance, "heads": {"kind": "untrained-demo", "seed": 0}},
+                "slide": result.facts.__dict__,
+                "weights": provenance,
                 "notice": notice,
                 "predictions": {
                     task: {"label": p.label, "probabilities": p.probabilities, "attention": p.attention.tolist()}
@@ -269,6 +279,5 @@ def classify(
             indent=1,
         )
     )
-    for path in written:
-        typer.echo(f"heatmap: {path}")
-    typer.echo(f"result: {result_path}")
+    written.append(result_path)
+    return written

@@ -155,6 +155,7 @@ def make_synthetic_slide(
     write_objective_power: bool = True,
     jpeg_quality: int = 90,
     associated_images: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SyntheticSlide:
     """Write a synthetic H&E-like Aperio slide at `path` and its ground truth beside it.
 
@@ -178,6 +179,7 @@ def make_synthetic_slide(
             `openslide.objective-power`.
         jpeg_quality: JPEG quality of tiles, thumbnail and macro.
         associated_images: also write thumbnail, label and macro directories.
+        progress: called as progress(tiles written, total tiles) while the pyramid is written.
 
     Returns:
         A `SyntheticSlide` describing what was written.
@@ -198,6 +200,7 @@ def make_synthetic_slide(
         raise ValueError(f"cannot plant {n_lesions} lesions in tissue={tissue!r}")
 
     slide_path = Path(path)
+    slide_path.parent.mkdir(parents=True, exist_ok=True)
     mpp = 10.0 / base_magnification
     level_sizes = _level_sizes(width_px, height_px, tile_size_px, levels)
     geometry = _SlideGeometry(
@@ -229,6 +232,7 @@ def make_synthetic_slide(
         write_objective_power=write_objective_power,
         associated_images=associated_images,
         seed=seed,
+        progress=progress,
     )
 
     slide = SyntheticSlide(
@@ -645,8 +649,20 @@ def _write_aperio_tiff(
     write_objective_power: bool,
     associated_images: bool,
     seed: int,
+    progress: Callable[[int, int], None] | None,
 ) -> None:
     """Write the Aperio-style TIFF; directory order as in the module docstring."""
+    total_tiles = sum(math.ceil(w / tile_size_px) * math.ceil(h / tile_size_px) for w, h in level_sizes)
+    tiles_written = 0
+
+    def counted(tiles: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        nonlocal tiles_written
+        for tile_pixels in tiles:
+            yield tile_pixels
+            tiles_written += 1
+            if progress is not None:
+                progress(tiles_written, total_tiles)
+
     width_px, height_px = level_sizes[0]
     tile = tile_size_px
     fields = [f"{width_px}x{height_px} [0,0 {width_px}x{height_px}] ({tile}x{tile}) JPEG/RGB Q={jpeg_quality}"]
@@ -686,7 +702,7 @@ def _write_aperio_tiff(
                     f"({tile}x{tile}) -> {level_width}x{level_height} JPEG/RGB Q={jpeg_quality}"
                 )
             tiff.write(
-                _level_tiles(renderer, level, level_width, level_height, tile, mpp * PYRAMID_DOWNSAMPLE**level),
+                counted(_level_tiles(renderer, level, level_width, level_height, tile, mpp * PYRAMID_DOWNSAMPLE**level)),
                 shape=(level_height, level_width, 3),
                 dtype=np.uint8,
                 tile=(tile, tile),
