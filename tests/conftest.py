@@ -20,28 +20,26 @@ def slides_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("slides")
 
 
-@pytest.fixture(scope="session")
-def slide_20x(slides_dir):
+def _glass(slides_dir, base_magnification: int):
+    mpp = 10 / base_magnification
     return make_synthetic_slide(
-        slides_dir / "glass_20x.svs",
-        width_px=int(GLASS_WIDTH_UM / 0.5),
-        height_px=int(GLASS_HEIGHT_UM / 0.5),
-        base_magnification=20,
+        slides_dir / f"glass_{base_magnification}x.svs",
+        width_px=int(GLASS_WIDTH_UM / mpp),
+        height_px=int(GLASS_HEIGHT_UM / mpp),
+        base_magnification=base_magnification,
         seed=GLASS_SEED,
         n_lesions=1,
     )
+
+
+@pytest.fixture(scope="session")
+def slide_20x(slides_dir):
+    return _glass(slides_dir, 20)
 
 
 @pytest.fixture(scope="session")
 def slide_40x(slides_dir):
-    return make_synthetic_slide(
-        slides_dir / "glass_40x.svs",
-        width_px=int(GLASS_WIDTH_UM / 0.25),
-        height_px=int(GLASS_HEIGHT_UM / 0.25),
-        base_magnification=40,
-        seed=GLASS_SEED,
-        n_lesions=1,
-    )
+    return _glass(slides_dir, 40)
 
 
 def require_cucim() -> None:

@@ -109,23 +109,11 @@ def resample_dinov2_pos_embed(
     class_pos = pos_embed[:, :1]
     patch_pos = pos_embed[:, 1:].float().reshape(1, old_grid, old_grid, channels)
     patch_pos = patch_pos.permute(0, 3, 1, 2)  # (1, C, rows, cols)
-    if offset:
-        scale = (new_grid + offset) / old_grid
-        resized = F.interpolate(
-            patch_pos,
-            scale_factor=(scale, scale),
-            mode="bicubic",
-            antialias=antialias,
-            align_corners=False,
-        )
-    else:
-        resized = F.interpolate(
-            patch_pos,
-            size=(new_grid, new_grid),
-            mode="bicubic",
-            antialias=antialias,
-            align_corners=False,
-        )
+    # DINOv2 asks for a scale factor when it has an offset (the sampled positions then
+    # differ from a plain resize), and for an output size when the offset is 0.
+    scale = (new_grid + offset) / old_grid
+    target = {"scale_factor": (scale, scale)} if offset else {"size": (new_grid, new_grid)}
+    resized = F.interpolate(patch_pos, mode="bicubic", antialias=antialias, align_corners=False, **target)
     if tuple(resized.shape[-2:]) != (new_grid, new_grid):
         raise ValueError(
             f"resizing a {old_grid}x{old_grid} grid with offset {offset} gave "

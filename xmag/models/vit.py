@@ -26,7 +26,7 @@ Forward pass, top to bottom:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -136,24 +136,25 @@ class ViTConfig:
         return cls(**values)
 
 
+_DINOV2_VITB14 = ViTConfig(patch_size_px=14, embed_dim=768, depth=12, num_heads=12)
+# The UNI2-h teacher (timm recipe). mlp_ratio 5.33334 gives fc1 1536 -> 8192, fc2 4096 -> 1536.
+_UNI2H = ViTConfig(
+    patch_size_px=14,
+    embed_dim=1536,
+    depth=24,
+    num_heads=24,
+    mlp_ratio=5.33334,
+    mlp_kind="swiglu_packed",
+    layerscale_init=1e-5,
+    num_register_tokens=8,
+    class_pos_embed=False,
+)
+
 VIT_CONFIGS: dict[str, ViTConfig] = {
     # The XMAG student: DINOv2 ViT-B/14 without registers.
-    "xmag_vitb14": ViTConfig(patch_size_px=14, embed_dim=768, depth=12, num_heads=12),
-    "dinov2_vitb14_reg4": ViTConfig(
-        patch_size_px=14, embed_dim=768, depth=12, num_heads=12, num_register_tokens=4
-    ),
-    # The UNI2-h teacher (timm recipe). mlp_ratio 5.33334 gives fc1 1536 -> 8192, fc2 4096 -> 1536.
-    "uni2h": ViTConfig(
-        patch_size_px=14,
-        embed_dim=1536,
-        depth=24,
-        num_heads=24,
-        mlp_ratio=5.33334,
-        mlp_kind="swiglu_packed",
-        layerscale_init=1e-5,
-        num_register_tokens=8,
-        class_pos_embed=False,
-    ),
+    "xmag_vitb14": _DINOV2_VITB14,
+    "dinov2_vitb14_reg4": replace(_DINOV2_VITB14, num_register_tokens=4),
+    "uni2h": _UNI2H,
     "phikon_vitb16": ViTConfig(
         patch_size_px=16,
         embed_dim=768,
@@ -162,19 +163,9 @@ VIT_CONFIGS: dict[str, ViTConfig] = {
         layerscale=False,
         layer_norm_eps=1e-12,
     ),
-    # Small configurations with the shapes of the reference fixtures, for tests.
-    "tiny_dinov2": ViTConfig(patch_size_px=14, embed_dim=192, depth=2, num_heads=3),
-    "tiny_uni2h": ViTConfig(
-        patch_size_px=14,
-        embed_dim=192,
-        depth=2,
-        num_heads=3,
-        mlp_ratio=5.33334,
-        mlp_kind="swiglu_packed",
-        layerscale_init=1e-5,
-        num_register_tokens=8,
-        class_pos_embed=False,
-    ),
+    # The same recipes at the small shapes of the reference fixtures, for tests.
+    "tiny_dinov2": replace(_DINOV2_VITB14, embed_dim=192, depth=2, num_heads=3),
+    "tiny_uni2h": replace(_UNI2H, embed_dim=192, depth=2, num_heads=3),
 }
 
 
