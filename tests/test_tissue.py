@@ -81,6 +81,18 @@ def test_backends_give_the_same_mask(slide_20x, backend):
     assert _iou(_detected(slide_20x, backend).mask, reference) >= 0.99
 
 
+def test_faint_tissue_beside_strongly_stained_tissue_is_kept():
+    """Otsu on such a slide splits faint from strong; the clamp keeps the faint piece as tissue."""
+    rng = np.random.default_rng(0)
+    thumbnail = np.clip(rng.normal(242, 2, (300, 600, 3)), 0, 255)
+    thumbnail[50:250, 50:250] = rng.normal((200, 110, 170), 4, (200, 200, 3))  # saturation ~0.45
+    thumbnail[50:250, 350:550] = rng.normal((238, 206, 222), 2, (200, 200, 3))  # saturation ~0.13
+    mask = detect_tissue(thumbnail.astype(np.uint8), um_per_px=8.0)
+    assert mask[60:240, 60:240].mean() > 0.99
+    assert mask[60:240, 360:540].mean() > 0.99
+    assert not mask[:, 270:330].any() and not mask[:30].any()
+
+
 def test_otsu_splits_two_populations():
     values = np.concatenate([np.full(1000, 0.1), np.full(1000, 0.7)])
     assert 0.1 < otsu_threshold(values) < 0.7

@@ -30,9 +30,11 @@ from scipy import ndimage
 from xmag.slide.reader import SlideReader, best_level_for_downsample
 
 # Saturation (0..1) of clean glass after JPEG is below ~0.04; eosin-stained
-# stroma is above ~0.2. Faint, pale tissue sits near 0.08-0.15.
+# stroma is above ~0.2; faint, pale tissue sits near 0.08-0.15. The ceiling is
+# kept below faint tissue so that a faint piece still seeds when strongly
+# stained tissue on the same slide pulls Otsu's threshold up (to ~0.18).
 SATURATION_FLOOR = 0.06
-SATURATION_CEILING = 0.16
+SATURATION_CEILING = 0.10
 DEFAULT_THUMBNAIL_UM_PER_PX = 8.0
 
 
