@@ -23,7 +23,7 @@ from xmag.models.checkpoints import save_encoder_checkpoint
 from xmag.models.encoder import build_tile_encoder
 from xmag.pipeline import classify_slide, encode_tiles
 from xmag.slide.reader import open_slide
-from xmag.slide.tiling import XMAG_5X, iter_tile_batches, plan_tile_grid
+from xmag.slide.tiling import XMAG_5X, TilingSpec, iter_tile_batches, plan_tile_grid
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,31 @@ def test_a_reader_error_midway_surfaces_and_stops(tmp_path, slide_20x, tiny_mode
     encoder, heads = tiny_models
     with pytest.raises(CorruptSlideError):
         classify_slide(str(damaged), encoder, heads, batch_size=4)
-    assert not [thread for thread in threading.enumerate() if thread.name == "xmag-tile-reader"]
+
+
+def test_cancelling_through_progress_stops_the_reader(slide_20x, tiny_models):
+    class Cancelled(Exception):
+        pass
+
+    def cancel_after_first_batch(done, total):
+        raise Cancelled
+
+    encoder, heads = tiny_models
+    try:
+        classify_slide(str(slide_20x.path), encoder, heads, batch_size=4, progress=cancel_after_first_batch)
+    except Cancelled:
+        # Checked while the exception (and the pipeline's frames) are still alive:
+        # the reader thread must be gone already, not merely collected later.
+        still_reading = [thread for thread in threading.enumerate() if thread.name == "xmag-tile-reader"]
+    else:
+        pytest.fail("the pipeline did not stop when progress raised")
+    assert not still_reading
+
+
+def test_tiling_must_match_the_encoder(slide_20x, tiny_models):
+    encoder, heads = tiny_models
+    with pytest.raises(ValueError, match="256 px tiles but the encoder takes 224 px"):
+        classify_slide(str(slide_20x.path), encoder, heads, spec=TilingSpec(target_mpp=0.5, tile_size_px=256))
 
 
 def test_heatmap_is_brightest_at_the_highest_attention(slide_20x, tiny_models):

@@ -76,39 +76,48 @@ def encode_tiles(encoder: TileEncoder, tiles: np.ndarray, precision: Precision =
         return encoder(batch).float()
 
 
-def _prefetch(batches: Iterator, depth: int, stop: threading.Event) -> Iterator:
-    """Run `batches` on a background thread, `depth` items ahead; re-raise its errors here."""
+@contextlib.contextmanager
+def _prefetch(batches: Iterator, depth: int) -> Iterator[Iterator]:
+    """Run `batches` on a background thread, `depth` items ahead; its errors are re-raised to the consumer.
+
+    On leaving the context, even by an exception in the consumer, the thread is
+    told to stop and joined, so it never reads from a slide after the slide is closed.
+    """
     buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
     finished = object()
+
+    def put(item) -> None:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def produce() -> None:
         try:
             for item in batches:
-                while not stop.is_set():
-                    try:
-                        buffer.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
                 if stop.is_set():
                     return
-            buffer.put(finished)
+                put(item)
+            put(finished)
         except BaseException as error:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            buffer.put(error)
+            put(error)
+
+    def consume() -> Iterator:
+        while (item := buffer.get()) is not finished:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
     producer = threading.Thread(target=produce, name="xmag-tile-reader", daemon=True)
     producer.start()
     try:
-        while True:
-            item = buffer.get()
-            if item is finished:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        yield consume()
     finally:
         stop.set()
-        producer.join(timeout=5)
+        producer.join()
 
 
 def classify_slide(
@@ -127,8 +136,13 @@ def classify_slide(
     """Run the whole pipeline on one slide; one encode feeds every head.
 
     Raises the core's typed errors (SlideNotFoundError, NotASlideError,
-    CorruptSlideError, MissingResolutionError, NoTissueError).
+    CorruptSlideError, MissingResolutionError, NoTissueError). An exception
+    raised by `progress` stops the work (a way to cancel) and propagates.
     """
+    if spec.tile_size_px != encoder.tile_size_px:
+        raise ValueError(
+            f"the tiling makes {spec.tile_size_px} px tiles but the encoder takes {encoder.tile_size_px} px"
+        )
     timings_s: dict[str, float] = {}
     started = time.perf_counter()
     with open_slide(slide_path, backend=backend, num_workers=num_workers) as reader:
@@ -151,20 +165,19 @@ def classify_slide(
         embeddings = []
         read_wait_s = 0.0
         encode_s = 0.0
-        stop = threading.Event()
-        batches = _prefetch(iter_tile_batches(reader, grid, batch_size), depth=2, stop=stop)
-        while True:
-            wait_started = time.perf_counter()
-            next_batch = next(batches, None)
-            read_wait_s += time.perf_counter() - wait_started
-            if next_batch is None:
-                break
-            tiles, _ = next_batch
-            encode_started = time.perf_counter()
-            embeddings.append(encode_tiles(encoder, tiles, precision).cpu())
-            encode_s += time.perf_counter() - encode_started
-            if progress is not None:
-                progress(sum(len(e) for e in embeddings), len(grid))
+        with _prefetch(iter_tile_batches(reader, grid, batch_size), depth=2) as batches:
+            while True:
+                wait_started = time.perf_counter()
+                next_batch = next(batches, None)
+                read_wait_s += time.perf_counter() - wait_started
+                if next_batch is None:
+                    break
+                tiles, _ = next_batch
+                encode_started = time.perf_counter()
+                embeddings.append(encode_tiles(encoder, tiles, precision).cpu())
+                encode_s += time.perf_counter() - encode_started
+                if progress is not None:
+                    progress(sum(len(e) for e in embeddings), len(grid))
         # "read" is the time the encoder waited for tiles, i.e. reading not hidden behind encoding.
         timings_s["read"] = read_wait_s
         timings_s["encode"] = encode_s
