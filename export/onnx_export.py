@@ -15,13 +15,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from export import triton_config
 from xmag.model_repo import Parity
 from xmag.models.abmil import GatedABMIL
 from xmag.models.encoder import TileEncoder
 
 OPSET = 18  # >= 17 for a native LayerNormalization op, which TensorRT maps to its normalisation layer
-ENCODER_INPUT, ENCODER_OUTPUT = "tiles", "embedding"
-HEAD_INPUT, HEAD_OUTPUTS = "features", ("probabilities", "attention")
+# The graphs' tensor names are the ones the Triton configs declare.
+ENCODER_INPUT, ENCODER_OUTPUT = triton_config.TILES_INPUT, triton_config.EMBEDDING_OUTPUT
+HEAD_INPUT = triton_config.FEATURES_INPUT
+HEAD_OUTPUTS = (triton_config.PROBABILITIES_OUTPUT, triton_config.ATTENTION_OUTPUT)
 # Bounds for fp32 ONNX against torch fp32. Both run the same fp32 arithmetic
 # in a different order; on outputs of magnitude ~1 (after the final
 # LayerNorm) the differences measured ~3e-6, so 1e-4 leaves room for other

@@ -83,6 +83,10 @@ def export_model_repository(
     meets onnx_export.INT8_MIN_COSINE. An existing repository at `repo_root`
     is replaced only once the new one is complete.
     """
+    if options.tensorrt:
+        from export import tensorrt_build
+
+        tensorrt_build.require_tensorrt()  # before minutes of ONNX work, not after
     checkpoint_path = Path(checkpoint_path)
     vit = load_encoder_checkpoint(checkpoint_path)
     heads = load_slide_heads(checkpoint_path)
@@ -125,8 +129,6 @@ def export_model_repository(
                       usable=int8_parity.min_cosine >= onnx_export.INT8_MIN_COSINE)
 
         if options.tensorrt:
-            from export import tensorrt_build
-
             trt_name = f"{model_name}_trt"
             plan_path = tensorrt_build.build_tensorrt_engine(
                 encoder_path, staging / trt_name / version,

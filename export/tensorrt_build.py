@@ -165,10 +165,10 @@ def build_tensorrt_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
     config.set_flag(trt.BuilderFlag.FP16)
     kept_in_fp32 = _keep_overflow_prone_layers_in_fp32(trt, network)
-    # With only FP16 allowed, TensorRT treats per-layer precision as a hint and
-    # may still pick a faster FP16 kernel; PREFER_PRECISION_CONSTRAINTS would fall
-    # back to FP16 with a warning. OBEY makes the build fail instead, so an engine
-    # that exists is one whose normalisation and softmax really run in FP32.
+    # Without a constraints flag TensorRT may ignore the precisions set above and
+    # run those layers in FP16 when that is faster. PREFER_PRECISION_CONSTRAINTS
+    # honours them where it can and falls back with only a warning; OBEY fails the
+    # build instead, so an engine that exists really runs them in FP32.
     config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
     logger.info("layers kept in FP32: %s", dict(kept_in_fp32) or "none")
 
@@ -206,9 +206,10 @@ def check_engine_parity(
 ) -> dict:
     """Run the engine and onnxruntime (CPU) on the same random uint8 tiles and compare.
 
-    Returns {"max_abs_error": float, "min_cosine": float, "per_batch": {batch size:
-    the same two numbers}}, worst cases over every batch size and tile. An odd
-    batch size (7) catches engines that are only right at the sizes they were tuned for.
+    Returns {"max_abs_error": float, "min_cosine": float, "batch_sizes": [int]}:
+    the worst cases over every tile of every batch size, in the fields of
+    `xmag.model_repo.Parity`. An odd batch size (7) catches engines that are only
+    right at the sizes they were tuned for.
     """
     trt = _import_tensorrt()
     _require_cuda_gpu()
@@ -233,16 +234,16 @@ def check_engine_parity(
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
 
     rng = np.random.default_rng(seed)
-    per_batch = {}
+    results = []
     for batch_size in batch_sizes:
         tiles = rng.integers(0, 256, size=_tiles_shape(batch_size), dtype=np.uint8)
         (expected,) = session.run([EMBEDDING_OUTPUT], {TILES_INPUT: tiles})
         actual = _run_engine(trt, engine, context, tiles)
-        per_batch[batch_size] = compare_embeddings(actual, expected)
+        results.append(compare_embeddings(actual, expected))
     return {
-        "max_abs_error": max(result["max_abs_error"] for result in per_batch.values()),
-        "min_cosine": min(result["min_cosine"] for result in per_batch.values()),
-        "per_batch": per_batch,
+        "max_abs_error": max(result["max_abs_error"] for result in results),
+        "min_cosine": min(result["min_cosine"] for result in results),
+        "batch_sizes": list(batch_sizes),
     }
 
 
@@ -261,6 +262,15 @@ def compare_embeddings(actual: np.ndarray, expected: np.ndarray) -> dict[str, fl
         "max_abs_error": float(np.max(np.abs(actual - expected))),
         "min_cosine": float(np.min(cosines)),
     }
+
+
+def require_tensorrt() -> None:
+    """Raise TensorRTUnavailableError unless TensorRT 10 and a CUDA GPU are usable here.
+
+    Callers check this before expensive work that ends in an engine build.
+    """
+    _import_tensorrt()
+    _require_cuda_gpu()
 
 
 def _import_tensorrt() -> ModuleType:
@@ -296,7 +306,8 @@ def _tiles_shape(batch_size: int) -> tuple[int, int, int, int]:
 
 
 def _describe_parser_error(error) -> str:
-    where = f"node {error.node()}"
+    # node() is -1 for errors about the model as a whole.
+    where = f"node {error.node()}" if error.node() >= 0 else "model"
     if error.node_name():
         where += f" {error.node_name()!r}"
     if error.node_operator():
@@ -310,9 +321,10 @@ def _keep_overflow_prone_layers_in_fp32(trt: ModuleType, network) -> Counter:
     FP16 tops out at 65504. A ViT's residual stream holds activations in the
     hundreds and more, so the square inside a LayerNorm's variance overflows to
     inf and the normalised output becomes NaN; small variances and the sums of a
-    softmax lose their precision too. Opset-17 ONNX gives TensorRT a single
-    normalisation layer; older exports spell LayerNorm (and sometimes softmax)
-    out as ReduceMean, Sub, Pow, Sqrt, Exp, Div, so those pieces are pinned as well.
+    softmax lose their precision too. ONNX from opset 17 on (we export 18) gives
+    TensorRT one normalisation layer per LayerNorm; older exports spell LayerNorm
+    (and sometimes softmax) out as ReduceMean, Sub, Pow, Sqrt, Exp and Div, so those
+    pieces are pinned as well.
     """
     float_types = {trt.float32, trt.float16}
     reduction_outputs: set[str] = set()

@@ -233,8 +233,9 @@ def onnx_encoder_config(
     instance_kind: str = "KIND_GPU",
     instance_count: int = 1,
 ) -> ModelConfigSpec:
-    """Spec of an ONNX tile encoder run by onnxruntime (`<encoder>` or, on KIND_CPU, `<encoder>_int8`).
+    """Spec of an ONNX tile encoder run by onnxruntime.
 
+    That is `<encoder>` on KIND_GPU, or its int8 twin `<encoder>_int8` on KIND_CPU.
     Without `preferred_batch_sizes` Triton aims for full batches of
     `max_batch_size` tiles, the size at which the encoder is cheapest per tile.
     """
@@ -338,15 +339,12 @@ def render_model_config(spec: ModelConfigSpec) -> str:
         "  }",
         "]",
     ]
-    if spec.dynamic_batching is not None:
+    batching = spec.dynamic_batching
+    if batching is not None:
         lines.append("dynamic_batching {")
-        if spec.dynamic_batching.preferred_batch_sizes:
-            lines.append(
-                f"  preferred_batch_size: {_render_list(spec.dynamic_batching.preferred_batch_sizes)}"
-            )
-        lines.append(
-            f"  max_queue_delay_microseconds: {spec.dynamic_batching.max_queue_delay_microseconds}"
-        )
+        if batching.preferred_batch_sizes:
+            lines.append(f"  preferred_batch_size: {_render_list(batching.preferred_batch_sizes)}")
+        lines.append(f"  max_queue_delay_microseconds: {batching.max_queue_delay_microseconds}")
         lines.append("}")
     if spec.cc_model_filenames:
         lines.append("cc_model_filenames [")

@@ -19,6 +19,7 @@ from xmag.cli import app
 from xmag.errors import CorruptSlideError
 from xmag.heatmap import render_attention_heatmap
 from xmag.inference import TorchSlideHeads, TorchTileEncoder
+from xmag.model_repo import load_model_repository
 from xmag.models.abmil import SlideHeads
 from xmag.models.checkpoints import save_encoder_checkpoint
 from xmag.models.encoder import build_tile_encoder
@@ -135,17 +136,20 @@ def test_cli_classify_with_an_xmag_checkpoint(tmp_path, slide_20x):
 
 
 def test_main_job_on_the_embedded_default(tmp_path):
-    """`xmag classify` with no arguments: demo slide, untrained demo weights, labelled as such."""
+    """`xmag classify` with no arguments: the demo repository is built by the export path, verified and used."""
     completed = subprocess.run(
-        [sys.executable, "-m", "xmag", "classify", "--out", str(tmp_path), "--precision", "bf16"],
+        [sys.executable, "-m", "xmag", "classify", "--out", str(tmp_path / "out")],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
+        cwd=tmp_path,  # the demo repository is built under the working directory
     )
     assert completed.returncode == 0, completed.stderr
     assert "UNTRAINED DEMO WEIGHTS" in completed.stdout
     assert "demo_lesion:" in completed.stdout
-    saved = json.loads((tmp_path / "demo_slide.result.json").read_text())
+    assert "onnxruntime" in completed.stdout
+    assert load_model_repository(tmp_path / "model_repo/demo").manifest.provenance.kind == "untrained-demo"
+    saved = json.loads((tmp_path / "out/demo_slide.result.json").read_text())
     assert saved["model"]["kind"] == "untrained-demo"
     assert saved["slide"]["tile_count"] == len(saved["level0_coords"]) > 0
-    assert (tmp_path / "demo_slide.demo_lesion.heatmap.png").exists()
+    assert (tmp_path / "out/demo_slide.demo_lesion.heatmap.png").exists()
