@@ -9,6 +9,7 @@ a dynamic N and returns class probabilities and the attention weights.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from export import triton_config
+from xmag.errors import XmagError
 from xmag.model_repo import Parity
 from xmag.models.abmil import GatedABMIL
 from xmag.models.encoder import TileEncoder
@@ -37,7 +39,7 @@ FP32_MIN_COSINE = 0.9999
 INT8_MIN_COSINE = 0.999
 
 
-class ParityError(Exception):
+class ParityError(XmagError):
     """An exported artifact does not reproduce torch fp32 within the bounds."""
 
 
@@ -55,20 +57,24 @@ class _HeadForExport(nn.Module):
 
 def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_names, dynamic_dim_name: str):
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The exporter narrates every step at INFO; keep the command's output to what matters.
+    # The exporter narrates every step and warns about its own internals (a
+    # torchvision it does not need, a deprecation inside torch.export); keep
+    # the command's output to what concerns the user.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    torch.onnx.export(
-        module.eval(),
-        (example,),
-        str(path),
-        input_names=[input_name],
-        output_names=list(output_names),
-        dynamic_shapes=({0: torch.export.Dim(dynamic_dim_name, min=1, max=1 << 20)},),
-        opset_version=OPSET,
-        dynamo=True,
-        external_data=False,
-        verbose=False,
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
+        torch.onnx.export(
+            module.eval(),
+            (example,),
+            str(path),
+            input_names=[input_name],
+            output_names=list(output_names),
+            dynamic_shapes=({0: torch.export.Dim(dynamic_dim_name, min=1, max=1 << 20)},),
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
     import onnx
 
     onnx.checker.check_model(str(path), full_check=True)
@@ -143,9 +149,20 @@ def check_fp32_parity(parity: Parity, what: str) -> None:
 
 def quantize_encoder_int8(onnx_path: Path, int8_path: Path) -> None:
     """Dynamic int8 quantisation of the encoder's matrix multiplications, for onnxruntime on the CPU."""
+    int8_path.parent.mkdir(parents=True, exist_ok=True)
+    # onnxruntime logs a generic "consider pre-processing" hint on the root logger at every call.
+    root_logger = logging.getLogger()
+    previous_level = root_logger.level
+    root_logger.setLevel(logging.ERROR)
+    try:
+        _quantize(onnx_path, int8_path)
+    finally:
+        root_logger.setLevel(previous_level)
+
+
+def _quantize(onnx_path: Path, int8_path: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    int8_path.parent.mkdir(parents=True, exist_ok=True)
     # Per-channel weights keep the error of wide layers (MLP fc1/fc2) down; only MatMul
     # is quantised: the patch-embedding convolution stays fp32, as it sees raw pixels.
     quantize_dynamic(

@@ -197,6 +197,8 @@ def classify(
             encoder, heads, provenance = _runtimes_from_checkpoint(weights, weights_format, encoder_config, precision)
         else:
             if model_repo is None:
+                if not DEMO_REPOSITORY.exists():
+                    typer.echo(f"building the demo model repository in {DEMO_REPOSITORY} (first run only, ~30 s)")
                 model_repo = ensure_demo_repository(DEMO_REPOSITORY)
             encoder, heads, provenance = _runtimes_from_repository(model_repo)
         typer.echo(f"model: {provenance['model']}; encoder runs on {encoder.description}")
