@@ -9,6 +9,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/xmag
 COPY pyproject.toml README.md ./
 COPY xmag ./xmag
+COPY export ./export
 RUN pip install . \
     && useradd --create-home --uid 10001 xmag \
     && mkdir /out && chown xmag /out

@@ -16,6 +16,7 @@ from xmag.errors import (
     SlideNotFoundError,
     SlideReaderUnavailableError,
 )
+from xmag.inference import TorchSlideHeads, TorchTileEncoder
 from xmag.models.abmil import SlideHeads
 from xmag.models.encoder import build_tile_encoder
 from xmag.pipeline import classify_slide
@@ -32,7 +33,7 @@ from conftest import require_cucim
 def tiny_models():
     encoder = build_tile_encoder("tiny_dinov2", seed=0)
     heads = SlideHeads.from_class_names({"task": ["a", "b"]}, in_dim=encoder.embed_dim).eval()
-    return encoder, heads
+    return TorchTileEncoder(encoder), TorchSlideHeads(heads)
 
 
 def _read_every_tile(path, backend):

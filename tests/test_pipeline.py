@@ -18,10 +18,12 @@ from test_errors import damage_tiles
 from xmag.cli import app
 from xmag.errors import CorruptSlideError
 from xmag.heatmap import render_attention_heatmap
+from xmag.inference import TorchSlideHeads, TorchTileEncoder
+from xmag.model_repo import load_model_repository
 from xmag.models.abmil import SlideHeads
 from xmag.models.checkpoints import save_encoder_checkpoint
 from xmag.models.encoder import build_tile_encoder
-from xmag.pipeline import classify_slide, encode_tiles
+from xmag.pipeline import classify_slide
 from xmag.slide.reader import open_slide
 from xmag.slide.tiling import XMAG_5X, TilingSpec, iter_tile_batches, plan_tile_grid
 
@@ -34,7 +36,7 @@ def tiny_models():
         heads = SlideHeads.from_class_names(
             {"tumour": ["benign", "malignant"], "grade": ["1", "2", "3"]}, in_dim=encoder.embed_dim
         ).eval()
-    return encoder, heads
+    return TorchTileEncoder(encoder), TorchSlideHeads(heads)
 
 
 def test_one_encode_feeds_every_head(slide_20x, tiny_models, backend):
@@ -59,11 +61,11 @@ def test_one_encode_feeds_every_head(slide_20x, tiny_models, backend):
     # The overlapped reader did not reorder or drop tiles: encoding the grid directly gives the same embeddings.
     with open_slide(slide_20x.path, backend="openslide") as reader:
         grid = plan_tile_grid(reader.info, 0.5, result.tissue, XMAG_5X)
-        direct = torch.cat([encode_tiles(encoder, tiles) for tiles, _ in iter_tile_batches(reader, grid, 16)])
-    np.testing.assert_allclose(result.embeddings, direct.numpy(), atol=1e-4)
+        direct = np.concatenate([encoder.encode(tiles) for tiles, _ in iter_tile_batches(reader, grid, 16)])
+    np.testing.assert_allclose(result.embeddings, direct, atol=1e-4)
     expected = heads.predict(direct)
     for task in heads.class_names:
-        np.testing.assert_allclose(result.predictions[task].attention, expected[task]["attention"].numpy(), atol=1e-5)
+        np.testing.assert_allclose(result.predictions[task].attention, expected[task].attention, atol=1e-5)
 
 
 def test_a_reader_error_midway_surfaces_and_stops(tmp_path, slide_20x, tiny_models):
@@ -127,24 +129,27 @@ def test_cli_classify_with_an_xmag_checkpoint(tmp_path, slide_20x):
     assert result.exit_code == 0, result.output
     assert "UNTRAINED DEMO HEADS" in result.output
     saved = json.loads((tmp_path / "out" / "glass_20x.result.json").read_text())
-    assert saved["weights"]["encoder"]["kind"] == "checkpoint"
-    assert len(saved["weights"]["encoder"]["sha256"]) == 64
+    assert saved["model"]["kind"] == "checkpoint"
+    assert len(saved["model"]["source_sha256"]) == 64
     heatmap = Image.open(tmp_path / "out" / "glass_20x.demo_lesion.heatmap.png")
     assert heatmap.size[0] > 100
 
 
 def test_main_job_on_the_embedded_default(tmp_path):
-    """`xmag classify` with no arguments: demo slide, untrained demo weights, labelled as such."""
+    """`xmag classify` with no arguments: the demo repository is built by the export path, verified and used."""
     completed = subprocess.run(
-        [sys.executable, "-m", "xmag", "classify", "--out", str(tmp_path), "--precision", "bf16"],
+        [sys.executable, "-m", "xmag", "classify", "--out", str(tmp_path / "out")],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
+        cwd=tmp_path,  # the demo repository is built under the working directory
     )
     assert completed.returncode == 0, completed.stderr
     assert "UNTRAINED DEMO WEIGHTS" in completed.stdout
     assert "demo_lesion:" in completed.stdout
-    saved = json.loads((tmp_path / "demo_slide.result.json").read_text())
-    assert saved["weights"]["encoder"]["kind"] == "untrained-demo"
+    assert "onnxruntime" in completed.stdout
+    assert load_model_repository(tmp_path / "model_repo/demo").manifest.provenance.kind == "untrained-demo"
+    saved = json.loads((tmp_path / "out/demo_slide.result.json").read_text())
+    assert saved["model"]["kind"] == "untrained-demo"
     assert saved["slide"]["tile_count"] == len(saved["level0_coords"]) > 0
-    assert (tmp_path / "demo_slide.demo_lesion.heatmap.png").exists()
+    assert (tmp_path / "out/demo_slide.demo_lesion.heatmap.png").exists()

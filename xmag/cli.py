@@ -6,7 +6,6 @@ into a message and exit status 2; they hold no logic of their own.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -170,49 +169,41 @@ def _write_grid_preview(path: Path, thumbnail, tissue, grid) -> None:
     image.save(path)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @app.command()
 def classify(
     slide_path: Optional[Path] = typer.Argument(None, help="Slide file; default: generate and classify the demo slide."),
     output_dir: Path = typer.Option(Path("out"), "--out", help="Where to write the heatmap PNG and the result JSON."),
-    weights: Optional[Path] = typer.Option(None, help="Encoder checkpoint (xmag safetensors, DINOv2 hub, timm or XMAG release)."),
-    weights_format: str = typer.Option("auto", help="Checkpoint format: auto, xmag, dinov2_hub, timm, xmag_release."),
+    model_repo: Optional[Path] = typer.Option(
+        None, help="Verified model repository (xmag export); default: the demo repository, built on first use."
+    ),
+    weights: Optional[Path] = typer.Option(None, help="Run a checkpoint in torch instead of a repository (encoder; heads if stored)."),
+    weights_format: str = typer.Option("auto", help="Checkpoint format: auto, xmag, dinov2_hub, timm, xmag_release, hf_vit."),
     encoder_config: str = typer.Option("xmag_vitb14", help="Architecture for non-xmag checkpoints."),
     backend: str = typer.Option("openslide", help="Slide reader: openslide (default, strict) or cucim (faster per core)."),
     batch_size: int = typer.Option(16, help="Tiles per encoder batch."),
-    precision: str = typer.Option("fp32", help="fp32, or bf16 (autocast; ~3x faster on CPUs with AMX)."),
+    precision: str = typer.Option("fp32", help="With --weights: fp32, or bf16 (autocast; ~3x faster on CPUs)."),
     fallback_mpp: Optional[float] = typer.Option(None, "--mpp", help="Scan resolution to use if the slide states none."),
 ) -> None:
     """Classify one slide in-process: tissue, 5x tiles, encoder, MIL heads, attention heatmap."""
-    from xmag.demo import DEMO_HEADS_NOTICE, DEMO_WEIGHTS_NOTICE, demo_encoder, demo_heads, ensure_demo_slide
-    from xmag.models.checkpoints import load_encoder
-    from xmag.models.encoder import TileEncoder
+    from export.demo import DEMO_REPOSITORY, ensure_demo_repository
+    from xmag.demo import ensure_demo_slide
     from xmag.pipeline import classify_slide
 
     try:
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
         if slide_path is None:
             slide_path = ensure_demo_slide(output_dir / "demo").path
             typer.echo(f"demo slide: {slide_path} (generated; 20x, one planted lesion)")
-        if weights is None:
-            encoder = demo_encoder()
-            provenance = {"encoder": {"kind": "untrained-demo", "config": "xmag_vitb14", "seed": 0}}
-            notice = DEMO_WEIGHTS_NOTICE
+        if weights is not None:
+            encoder, heads, provenance = _runtimes_from_checkpoint(weights, weights_format, encoder_config, precision)
         else:
-            encoder = TileEncoder(load_encoder(weights, weights_format, encoder_config))
-            provenance = {"encoder": {"kind": "checkpoint", "file": weights.name, "sha256": _sha256(weights)}}
-            notice = DEMO_HEADS_NOTICE
-        provenance["heads"] = {"kind": "untrained-demo", "seed": 0}
-        heads = demo_heads(encoder.embed_dim)
-        typer.secho(notice, fg=typer.colors.YELLOW)
+            if model_repo is None:
+                if not DEMO_REPOSITORY.exists():
+                    typer.echo(f"building the demo model repository in {DEMO_REPOSITORY} (first run only, ~30 s)")
+                model_repo = ensure_demo_repository(DEMO_REPOSITORY)
+            encoder, heads, provenance = _runtimes_from_repository(model_repo)
+        typer.echo(f"model: {provenance['model']}; encoder runs on {encoder.description}")
+        if provenance["notice"]:
+            typer.secho(provenance["notice"], fg=typer.colors.YELLOW)
         with tqdm(total=0, unit="tile", desc="encoding", file=sys.stderr, disable=None) as bar:
             result = classify_slide(
                 str(slide_path),
@@ -220,16 +211,124 @@ def classify(
                 heads,
                 backend=backend,
                 batch_size=batch_size,
-                precision=precision,
                 fallback_mpp=fallback_mpp,
                 progress=lambda done, total: _advance(bar, done, total),
             )
         _print_result(result)
-        written = _write_result(result, output_dir, Path(slide_path).stem, provenance, notice)
+        written = _write_result(result, output_dir, Path(slide_path).stem, provenance)
     except (XmagError, ValueError, OSError) as error:
         _fail(error)
     for path in written:
         typer.echo(f"{'result' if path.suffix == '.json' else 'heatmap'}: {path}")
+
+
+def _runtimes_from_repository(model_repo: Path):
+    from xmag.demo import DEMO_WEIGHTS_NOTICE
+    from xmag.inference import runtimes_from_repository
+    from xmag.model_repo import load_model_repository
+
+    repository = load_model_repository(model_repo)
+    encoder, heads = runtimes_from_repository(repository)
+    manifest = repository.manifest
+    provenance = {
+        "model": f"{manifest.model_name} v{manifest.model_version} ({manifest.provenance.kind})",
+        "repository": str(model_repo),
+        **manifest.provenance.model_dump(),
+        "notice": DEMO_WEIGHTS_NOTICE if manifest.provenance.kind == "untrained-demo" else "",
+    }
+    return encoder, heads, provenance
+
+
+def _runtimes_from_checkpoint(weights: Path, weights_format: str, encoder_config: str, precision: str):
+    from xmag.demo import DEMO_HEADS_NOTICE, demo_heads
+    from xmag.inference import TorchSlideHeads, TorchTileEncoder
+    from xmag.model_repo import sha256_of
+    from xmag.models.checkpoints import load_encoder, load_slide_heads
+    from xmag.models.encoder import TileEncoder
+
+    encoder = TorchTileEncoder(TileEncoder(load_encoder(weights, weights_format, encoder_config)), precision)
+    stored_heads = load_slide_heads(weights) if weights.suffix == ".safetensors" else None
+    provenance = {
+        "model": f"checkpoint {weights.name}",
+        "kind": "checkpoint",
+        "source_checkpoint": weights.name,
+        "source_sha256": sha256_of(weights),
+        "notice": "" if stored_heads is not None else DEMO_HEADS_NOTICE,
+    }
+    heads = TorchSlideHeads(stored_heads if stored_heads is not None else demo_heads(encoder.embed_dim))
+    return encoder, heads, provenance
+
+
+@app.command("import-weights")
+def import_weights_command(
+    source: Path = typer.Argument(..., help="Official weight file (XMAG release, DINOv2 hub, UNI2-h timm .bin, Phikon)."),
+    output: Path = typer.Argument(..., help="The XMAG checkpoint to write (.safetensors)."),
+    weights_format: str = typer.Option("auto", "--format", help="auto, xmag_release, dinov2_hub, timm, hf_vit, xmag."),
+    architecture: Optional[str] = typer.Option(None, help="xmag_vitb14, uni2h, phikon_vitb16, ...; default by format."),
+    heads_from: Optional[Path] = typer.Option(None, help="Copy the slide heads stored in this XMAG checkpoint."),
+) -> None:
+    """Convert an official weight file into an XMAG checkpoint, recording its sha256 as provenance."""
+    from export.import_weights import import_weights
+    from xmag.models.checkpoints import load_slide_heads
+
+    try:
+        heads = load_slide_heads(heads_from) if heads_from is not None else None
+        used = import_weights(source, output, fmt=weights_format, architecture=architecture, heads=heads)
+    except (XmagError, ValueError, OSError) as error:
+        _fail(error)
+    typer.echo(f"wrote {output} (read {source.name} as {used})")
+
+
+@app.command("export")
+def export_command(
+    checkpoint: Path = typer.Argument(..., help="XMAG checkpoint (encoder + heads), e.g. from import-weights."),
+    repo: Path = typer.Option(Path("model_repo/current"), help="Model repository to write (replaced when complete)."),
+    model_name: Optional[str] = typer.Option(None, help="Triton model name; default: the architecture."),
+    version: int = typer.Option(1, help="Model version directory."),
+    max_batch_size: int = typer.Option(256, help="Triton max_batch_size of the encoder."),
+    int8: bool = typer.Option(False, help="Also write a dynamically quantised int8 encoder for CPUs."),
+    tensorrt: bool = typer.Option(False, help="Also build a TensorRT FP16 engine for this machine's GPU."),
+    trt_opt_batch: int = typer.Option(64, help="TensorRT optimisation profile: optimal batch."),
+    trt_max_batch: int = typer.Option(256, help="TensorRT optimisation profile: largest batch."),
+) -> None:
+    """Export ONNX (and optionally int8 and TensorRT) artifacts, Triton configs and a manifest with sha256 sums."""
+    from export.repository import ExportOptions, export_model_repository
+
+    options = ExportOptions(
+        version=version, max_batch_size=max_batch_size, int8=int8, tensorrt=tensorrt,
+        tensorrt_opt_batch=trt_opt_batch, tensorrt_max_batch=trt_max_batch,
+    )
+    try:
+        manifest = export_model_repository(checkpoint, repo, options, model_name=model_name)
+    except (XmagError, ValueError, OSError) as error:
+        _fail(error)
+    _print_manifest(repo, manifest)
+
+
+@app.command("verify-repo")
+def verify_repo(repo: Path = typer.Argument(..., help="Model repository directory.")) -> None:
+    """Check every file of a model repository against its manifest and show what would run here."""
+    from xmag.model_repo import choose_encoder_artifact, detect_hardware, load_model_repository
+
+    try:
+        repository = load_model_repository(repo)
+    except XmagError as error:
+        _fail(error)
+    _print_manifest(repo, repository.manifest)
+    choice = choose_encoder_artifact(repository, detect_hardware())
+    chosen = choice.artifact.name if choice.artifact else "the source checkpoint"
+    typer.echo(f"verified; on this machine the encoder would run {chosen} on {choice.runtime} {list(choice.providers)}")
+
+
+def _print_manifest(repo: Path, manifest) -> None:
+    typer.echo(f"{repo}: {manifest.model_name} v{manifest.model_version}, {manifest.provenance.kind} weights")
+    for artifact in manifest.artifacts:
+        parity = artifact.parity
+        measured = f"max abs {parity.max_abs_error:.2g}, min cosine {parity.min_cosine:.6f}" if parity else "no parity"
+        typer.echo(
+            f"  {artifact.name}: {artifact.role}{' ' + artifact.task if artifact.task else ''}, {artifact.runtime} "
+            f"{artifact.precision}, {measured}{'' if artifact.usable else ' (NOT USABLE: parity below bound)'}"
+        )
 
 
 def _print_result(result) -> None:
@@ -245,7 +344,7 @@ def _print_result(result) -> None:
     typer.echo("timings: " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in result.timings_s.items()))
 
 
-def _write_result(result, output_dir: Path, stem: str, provenance: dict, notice: str) -> list[Path]:
+def _write_result(result, output_dir: Path, stem: str, provenance: dict) -> list[Path]:
     """One heatmap PNG per task and one result JSON; returns their paths."""
     from xmag.heatmap import render_attention_heatmap
 
@@ -266,8 +365,7 @@ def _write_result(result, output_dir: Path, stem: str, provenance: dict, notice:
         json.dumps(
             {
                 "slide": result.facts.__dict__,
-                "weights": provenance,
-                "notice": notice,
+                "model": provenance,
                 "predictions": {
                     task: {"label": p.label, "probabilities": p.probabilities, "attention": p.attention.tolist()}
                     for task, p in result.predictions.items()

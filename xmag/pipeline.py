@@ -12,19 +12,16 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
 import numpy as np
-import torch
 
 from xmag.errors import NoTissueError
-from xmag.models.abmil import SlideHeads
-from xmag.models.encoder import TileEncoder
+from xmag.inference import SlideHeadsRuntime, TaskOutput, TileEncoderRuntime
 from xmag.slide.reader import BackendName, open_slide, resolve_mpp
 from xmag.slide.tiling import XMAG_5X, TileGrid, TilingSpec, iter_tile_batches, plan_tile_grid
 from xmag.slide.tissue import DEFAULT_THUMBNAIL_UM_PER_PX, TissueMask, tissue_mask_for_slide
 
-Precision = Literal["fp32", "bf16"]
 ProgressCallback = Callable[[int, int], None]  # (tiles encoded so far, total tiles)
 
 
@@ -44,36 +41,16 @@ class SlideFacts:
     tissue_area_mm2: float
 
 
-@dataclass(frozen=True)
-class TaskPrediction:
-    label: str
-    probabilities: dict[str, float]
-    attention: np.ndarray  # (tile_count,), sums to 1, in the order of SlideResult.level0_coords
-
-
 @dataclass
 class SlideResult:
     facts: SlideFacts
-    predictions: dict[str, TaskPrediction]
+    predictions: dict[str, TaskOutput]
     level0_coords: np.ndarray  # (tile_count, 2) top-left (x, y) in level-0 pixels
     tile_size_level0_px: int
     timings_s: dict[str, float]
     thumbnail: np.ndarray = field(repr=False)  # RGB uint8 at tissue.um_per_px
     tissue: TissueMask = field(repr=False)
     embeddings: np.ndarray = field(repr=False)  # (tile_count, embed_dim) float32
-
-
-def encode_tiles(encoder: TileEncoder, tiles: np.ndarray, precision: Precision = "fp32") -> torch.Tensor:
-    """Class-token embeddings (B, D) float32 of a uint8 NHWC batch, on the encoder's device."""
-    device = next(encoder.parameters()).device
-    batch = torch.from_numpy(tiles).to(device)
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if precision == "bf16"
-        else contextlib.nullcontext()
-    )
-    with torch.inference_mode(), autocast:
-        return encoder(batch).float()
 
 
 @contextlib.contextmanager
@@ -122,14 +99,13 @@ def _prefetch(batches: Iterator, depth: int) -> Iterator[Iterator]:
 
 def classify_slide(
     slide_path: str,
-    encoder: TileEncoder,
-    heads: SlideHeads,
+    encoder: TileEncoderRuntime,
+    heads: SlideHeadsRuntime,
     *,
     spec: TilingSpec = XMAG_5X,
     backend: BackendName = "openslide",
     batch_size: int = 32,
     num_workers: int = 2,
-    precision: Precision = "fp32",
     fallback_mpp: float | None = None,
     progress: ProgressCallback | None = None,
 ) -> SlideResult:
@@ -174,7 +150,7 @@ def classify_slide(
                     break
                 tiles, _ = next_batch
                 encode_started = time.perf_counter()
-                embeddings.append(encode_tiles(encoder, tiles, precision).cpu())
+                embeddings.append(encoder.encode(tiles))
                 encode_s += time.perf_counter() - encode_started
                 if progress is not None:
                     progress(sum(len(e) for e in embeddings), len(grid))
@@ -183,15 +159,8 @@ def classify_slide(
         timings_s["encode"] = encode_s
 
     started = time.perf_counter()
-    features = torch.cat(embeddings)
-    predictions = {
-        task: TaskPrediction(
-            label=output["label"],
-            probabilities=output["probabilities"],
-            attention=output["attention"].float().numpy(),
-        )
-        for task, output in heads.predict(features).items()
-    }
+    features = np.concatenate(embeddings).astype(np.float32, copy=False)
+    predictions = heads.predict(features)
     timings_s["heads"] = time.perf_counter() - started
     facts = SlideFacts(
         width_px=info.width_px,
@@ -213,5 +182,5 @@ def classify_slide(
         timings_s=timings_s,
         thumbnail=thumbnail,
         tissue=tissue,
-        embeddings=features.numpy(),
+        embeddings=features,
     )

@@ -37,6 +37,8 @@ class GatedABMIL(nn.Module):
     ):
         super().__init__()
         self.in_dim = in_dim
+        self.hidden_dim = hidden_dim
+        self.attention_dim = attention_dim
         self.num_classes = num_classes
         self.embed = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
         self.attention_tanh = nn.Linear(hidden_dim, attention_dim)  # V

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,16 @@ import torch
 import torch.nn.functional as F
 
 from xmag.errors import CheckpointError
+from xmag.models.abmil import GatedABMIL, SlideHeads
 from xmag.models.vit import VIT_CONFIGS, ViTConfig, VisionTransformer, get_vit_config
 
-CHECKPOINT_FORMATS = ("dinov2_hub", "timm", "xmag_release", "xmag")
+CHECKPOINT_FORMATS = ("dinov2_hub", "timm", "xmag_release", "hf_vit", "xmag")
 
 # Value of the "format" metadata entry in our own safetensors files.
 XMAG_ENCODER_FORMAT_TAG = "xmag-encoder"
+
+# Prefix of slide-head tensors in our own checkpoints.
+HEADS_PREFIX = "heads."
 
 # Prefix of the student's keys in the official XMAG release checkpoint.
 XMAG_RELEASE_STUDENT_PREFIX = "model."
@@ -194,10 +199,66 @@ def convert_xmag(
     return dict(state_dict)
 
 
+# Hugging Face ViT (Phikon) per-block names -> ours. transformers 4 wrote the
+# first names (Phikon's published file has them); transformers 5 uses the second.
+_HF_BLOCK_NAMES = {
+    "attention.attention.query": "attn.q",
+    "attention.attention.key": "attn.k",
+    "attention.attention.value": "attn.v",
+    "attention.output.dense": "attn.proj",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+    "layernorm_before": "norm1",
+    "layernorm_after": "norm2",
+    "attention.q_proj": "attn.q",
+    "attention.k_proj": "attn.k",
+    "attention.v_proj": "attn.v",
+    "attention.o_proj": "attn.proj",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+_HF_TOP_NAMES = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+}
+_HF_BLOCK_PATTERN = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def convert_hf_vit(state_dict: Mapping[str, Any], config: ViTConfig) -> dict[str, torch.Tensor]:
+    """Hugging Face ViTModel (Phikon) keys to ours: separate q, k, v fused into qkv; pooler dropped.
+
+    Keys may carry a `vit.` prefix (ViTForImageClassification); unknown keys are
+    passed through under their own names, so the strict check reports them.
+    """
+    converted: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix("vit.")
+        if name.startswith("pooler."):  # Phikon's embedding is the class token, not the pooler
+            continue
+        block = _HF_BLOCK_PATTERN.match(name)
+        if name in _HF_TOP_NAMES:
+            converted[_HF_TOP_NAMES[name]] = value
+        elif block and block.group(2) in _HF_BLOCK_NAMES:
+            converted[f"blocks.{block.group(1)}.{_HF_BLOCK_NAMES[block.group(2)]}.{block.group(3)}"] = value
+        else:
+            converted[key] = value
+    for index in range(config.depth):
+        for kind in ("weight", "bias"):
+            parts = [converted.pop(f"blocks.{index}.attn.{p}.{kind}", None) for p in ("q", "k", "v")]
+            if all(part is not None for part in parts):
+                converted[f"blocks.{index}.attn.qkv.{kind}"] = torch.cat(parts, dim=0)
+    return converted
+
+
 _CONVERTERS: dict[str, Callable[[Mapping[str, Any], ViTConfig], dict[str, torch.Tensor]]] = {
     "dinov2_hub": convert_dinov2_hub,
     "timm": convert_timm,
     "xmag_release": convert_xmag_release,
+    "hf_vit": convert_hf_vit,
     "xmag": convert_xmag,
 }
 
@@ -214,6 +275,8 @@ def detect_checkpoint_format(state_dict: Mapping[str, Any]) -> str:
         return "xmag_release"
     if "mask_token" in state_dict or "register_tokens" in state_dict:
         return "dinov2_hub"
+    if any("embeddings.patch_embeddings." in key for key in state_dict):
+        return "hf_vit"
     return "timm"
 
 
@@ -257,16 +320,21 @@ def load_vit_weights(
 
 
 def save_encoder_checkpoint(
-    model: VisionTransformer, path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+    model: VisionTransformer,
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+    heads: SlideHeads | None = None,
 ) -> None:
-    """Write `model` as an XMAG encoder checkpoint (safetensors).
+    """Write `model` (and optionally its slide heads) as an XMAG checkpoint (safetensors).
 
-    The file holds exactly the model's state dict and the metadata entries
-    `format` ("xmag-encoder") and `vit_config` (JSON), plus the caller's own
-    string entries (provenance, say). It is written to a temporary name and
-    renamed, so an interrupted save never leaves a half-written checkpoint.
+    The file holds the model's state dict, each head's under
+    `heads.<task>.`, and the metadata entries `format` ("xmag-encoder"),
+    `vit_config` (JSON) and, with heads, `heads` (JSON: class names and
+    sizes per task), plus the caller's own string entries (provenance, say).
+    It is written to a temporary name and renamed, so an interrupted save
+    never leaves a half-written checkpoint.
     """
-    reserved = {"format", "vit_config"}
+    reserved = {"format", "vit_config", "heads"}
     extra = dict(metadata or {})
     clashing = sorted(reserved & set(extra))
     if clashing:
@@ -280,6 +348,21 @@ def save_encoder_checkpoint(
         "format": XMAG_ENCODER_FORMAT_TAG,
         "vit_config": json.dumps(model.config.to_dict(), sort_keys=True),
     }
+    if heads is not None:
+        for key, value in heads.heads.state_dict().items():
+            tensors[f"{HEADS_PREFIX}{key}"] = value.detach().cpu().contiguous()
+        header["heads"] = json.dumps(
+            {
+                task: {
+                    "class_names": heads.class_names[task],
+                    "in_dim": head.in_dim,
+                    "hidden_dim": head.hidden_dim,
+                    "attention_dim": head.attention_dim,
+                }
+                for task, head in heads.heads.items()
+            },
+            sort_keys=True,
+        )
     path = Path(path)
     partial_path = path.with_name(path.name + ".partial")
     safetensors.torch.save_file(tensors, str(partial_path), metadata=header)
@@ -301,6 +384,7 @@ def load_encoder_checkpoint(path: str | os.PathLike) -> VisionTransformer:
             "build a VisionTransformer from a config and use load_vit_weights."
         )
     config = _parse_stored_config(metadata["vit_config"], str(path))
+    state_dict = {key: value for key, value in state_dict.items() if not key.startswith(HEADS_PREFIX)}
     # Built on the meta device and then given the loaded tensors: no time or
     # memory is spent on random weights that would be overwritten anyway.
     with torch.device("meta"):
@@ -308,6 +392,44 @@ def load_encoder_checkpoint(path: str | os.PathLike) -> VisionTransformer:
     _check_fits(model, state_dict, fmt="xmag", source=str(path))
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()
+
+
+def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors checkpoint (provenance, configs), without reading tensors."""
+    path = Path(path)
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as error:
+        raise CheckpointError(f"cannot read the metadata of {path}: {error}") from error
+
+
+def load_slide_heads(path: str | os.PathLike) -> SlideHeads | None:
+    """The slide heads stored in an XMAG checkpoint, in eval mode; None if it has none."""
+    path = Path(path)
+    state_dict, metadata = _read_checkpoint(path)
+    if "heads" not in metadata:
+        return None
+    try:
+        specs = json.loads(metadata["heads"])
+        heads = SlideHeads(
+            {
+                task: GatedABMIL(
+                    in_dim=spec["in_dim"],
+                    hidden_dim=spec["hidden_dim"],
+                    attention_dim=spec["attention_dim"],
+                    num_classes=len(spec["class_names"]),
+                )
+                for task, spec in specs.items()
+            },
+            {task: spec["class_names"] for task, spec in specs.items()},
+        )
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path} has an unreadable 'heads' metadata entry: {error}") from error
+    head_state = {key[len(HEADS_PREFIX) :]: value for key, value in state_dict.items() if key.startswith(HEADS_PREFIX)}
+    _check_fits(heads.heads, head_state, fmt="xmag heads", source=str(path))
+    heads.heads.load_state_dict(head_state, strict=True)
+    return heads.eval()
 
 
 def load_encoder(
