@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -203,6 +204,23 @@ def test_artifact_choice_follows_the_hardware(exported, hardware, expected):
     repository = load_model_repository(exported[0] / "repo")
     choice = choose_encoder_artifact(repository, hardware)
     assert (choice.artifact.name if choice.artifact else None, choice.runtime) == expected
+
+
+def test_a_tensorrt_plan_for_this_gpu_comes_first(exported):
+    repository = load_model_repository(exported[0] / "repo")
+    onnx_encoder = repository.manifest.artifact("tiny_dinov2")
+    plan = onnx_encoder.model_copy(
+        update={"name": "tiny_dinov2_trt", "runtime": "tensorrt", "precision": "fp16",
+                "compute_capability": "9.0", "tensorrt_version": "10.8.0"}
+    )
+    with_plan = dataclasses.replace(
+        repository, manifest=repository.manifest.model_copy(update={"artifacts": [*repository.manifest.artifacts, plan]})
+    )
+    providers = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert choose_encoder_artifact(with_plan, Hardware("9.0", "10.8.0", providers)).runtime == "tensorrt"
+    # Another GPU generation or TensorRT version cannot load the plan: onnxruntime on CUDA instead.
+    assert choose_encoder_artifact(with_plan, Hardware("8.0", "10.8.0", providers)).artifact.name == "tiny_dinov2"
+    assert choose_encoder_artifact(with_plan, Hardware("9.0", "10.9.0", providers)).artifact.name == "tiny_dinov2"
 
 
 def _random_state_dict(entries, seed=0):

@@ -9,6 +9,7 @@ repository (onnxruntime; TensorRT joins in the service issue).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -111,7 +112,7 @@ class OnnxTileEncoder:
         self.input_name = self.session.get_inputs()[0].name
         self.tile_size_px = tile_size_px
         self.embed_dim = embed_dim
-        self.description = f"onnxruntime {label} ({', '.join(self.session.get_providers())})".replace("  ", " ")
+        self.description = " ".join(filter(None, ["onnxruntime", label, f"({', '.join(self.session.get_providers())})"]))
 
     def encode(self, tiles: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(tiles)})[0]
@@ -136,12 +137,13 @@ class OnnxSlideHeads:
 def runtimes_from_repository(repository: ModelRepository) -> tuple[TileEncoderRuntime, SlideHeadsRuntime]:
     """The best encoder for this machine and the heads of every task, from a verified repository."""
     manifest = repository.manifest
-    choice = choose_encoder_artifact(repository, detect_hardware())
+    # TensorRT plans are run by the service's engine, not in-process here, so the
+    # choice is made as if TensorRT were absent: onnxruntime on the GPU or CPU.
+    choice = choose_encoder_artifact(repository, dataclasses.replace(detect_hardware(), tensorrt_version=None))
     if choice.runtime != "onnxruntime":
-        # TensorRT plans are served by the service's engine (issue 4); torch needs the source checkpoint.
         raise XmagError(
-            f"no encoder artifact of {repository.root} runs in-process on this machine (best choice: {choice.runtime}); "
-            "pass the checkpoint with --weights instead"
+            f"no encoder artifact of {repository.root} runs in-process on this machine (onnxruntime is missing); "
+            "pass the checkpoint with --weights to run it in torch"
         )
     encoder = OnnxTileEncoder(
         repository.path_of(choice.artifact, ".onnx"),
