@@ -17,7 +17,8 @@ from xmag.slide.synthetic import SyntheticSlide, make_synthetic_slide
 
 DEMO_WEIGHTS_NOTICE = (
     "UNTRAINED DEMO WEIGHTS: the encoder and heads are randomly initialised (fixed seeds); "
-    "the predictions below are meaningless. Pass --weights with a real checkpoint for real results."
+    "the predictions below are meaningless. For real results, pass --model-repo with a repository "
+    "exported from trained weights (or --weights with a checkpoint)."
 )
 DEMO_HEADS_NOTICE = (
     "UNTRAINED DEMO HEADS: the encoder weights are yours, but no trained slide head was given, so the "
