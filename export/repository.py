@@ -35,7 +35,7 @@ from xmag.model_repo import (
     TaskSpec,
     sha256_of,
 )
-from xmag.models.checkpoints import load_encoder_checkpoint, load_slide_heads, read_checkpoint_metadata
+from xmag.models.checkpoints import load_xmag_checkpoint
 from xmag.models.encoder import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, TileEncoder
 from xmag.models.vit import VIT_CONFIGS
 from xmag.slide.tiling import XMAG_5X
@@ -88,9 +88,8 @@ def export_model_repository(
 
         tensorrt_build.require_tensorrt()  # before minutes of ONNX work, not after
     checkpoint_path = Path(checkpoint_path)
-    vit = load_encoder_checkpoint(checkpoint_path)
-    heads = load_slide_heads(checkpoint_path)
-    checkpoint_metadata = read_checkpoint_metadata(checkpoint_path)
+    checkpoint = load_xmag_checkpoint(checkpoint_path)  # one read of a file that may be GBs
+    vit, heads, checkpoint_metadata = checkpoint.vit, checkpoint.heads, checkpoint.metadata
     encoder = TileEncoder(vit).eval()
     architecture = next((name for name, config in VIT_CONFIGS.items() if config == vit.config), "custom")
     model_name = model_name or architecture
@@ -117,7 +116,7 @@ def export_model_repository(
         parity = onnx_export.encoder_parity(encoder, encoder_path)
         onnx_export.check_fp32_parity(parity, f"encoder {model_name}")
         add_model(model_name, "encoder", None, "onnxruntime", "fp32", parity,
-                  _encoder_config(model_name, "onnxruntime_onnx", options, vit.embed_dim, encoder.tile_size_px, "KIND_GPU"))
+                  _encoder_config(model_name, triton_config.ONNX_PLATFORM, options, vit.embed_dim, encoder.tile_size_px, "KIND_GPU"))
 
         if options.int8:
             int8_name = f"{model_name}_int8"
@@ -125,7 +124,7 @@ def export_model_repository(
             onnx_export.quantize_encoder_int8(encoder_path, int8_path)
             int8_parity = onnx_export.encoder_parity(encoder, int8_path)
             add_model(int8_name, "encoder", None, "onnxruntime", "int8", int8_parity,
-                      _encoder_config(int8_name, "onnxruntime_onnx", options, vit.embed_dim, encoder.tile_size_px, "KIND_CPU"),
+                      _encoder_config(int8_name, triton_config.ONNX_PLATFORM, options, vit.embed_dim, encoder.tile_size_px, "KIND_CPU"),
                       usable=int8_parity.min_cosine >= onnx_export.INT8_MIN_COSINE)
 
         if options.tensorrt:
@@ -138,7 +137,7 @@ def export_model_repository(
             trt_parity = tensorrt_build.check_engine_parity(plan_path, encoder_path)
             cc_text = f"{compute_capability[0]}.{compute_capability[1]}"
             add_model(trt_name, "encoder", None, "tensorrt", "fp16", Parity(reference="onnxruntime-fp32", **trt_parity),
-                      _encoder_config(trt_name, "tensorrt_plan", options, vit.embed_dim, encoder.tile_size_px, "KIND_GPU",
+                      _encoder_config(trt_name, triton_config.TENSORRT_PLATFORM, options, vit.embed_dim, encoder.tile_size_px, "KIND_GPU",
                                       cc_model_filenames={cc_text: plan_path.name}, max_batch=options.tensorrt_max_batch),
                       compute_capability=cc_text, tensorrt_version=tensorrt_version)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from xmag.inference import TorchSlideHeads
 from xmag.models import GatedABMIL, SlideHeads
 
 
@@ -69,12 +70,13 @@ def test_one_feature_tensor_feeds_every_head():
         torch.testing.assert_close(outputs[task][1], expected_attention)
     assert not torch.allclose(outputs["nsclc"][1], outputs["isup"][1])
 
-    predictions = heads.predict(bag)
+    # Probabilities by class name, label and attention, as the pipeline gets them.
+    predictions = TorchSlideHeads(heads).predict(bag.numpy())
     isup = predictions["isup"]
-    assert set(isup["probabilities"]) == {"low", "mid", "high"}
-    assert sum(isup["probabilities"].values()) == pytest.approx(1.0)
-    assert isup["label"] == max(isup["probabilities"], key=isup["probabilities"].get)
-    torch.testing.assert_close(isup["attention"], outputs["isup"][1])
+    assert set(isup.probabilities) == {"low", "mid", "high"}
+    assert sum(isup.probabilities.values()) == pytest.approx(1.0)
+    assert isup.label == max(isup.probabilities, key=isup.probabilities.get)
+    torch.testing.assert_close(torch.from_numpy(isup.attention), outputs["isup"][1])
 
 
 def test_from_class_names_sizes_each_head():

@@ -243,11 +243,15 @@ def _runtimes_from_checkpoint(weights: Path, weights_format: str, encoder_config
     from xmag.demo import DEMO_HEADS_NOTICE, demo_heads
     from xmag.inference import TorchSlideHeads, TorchTileEncoder
     from xmag.model_repo import sha256_of
-    from xmag.models.checkpoints import load_encoder, load_slide_heads
+    from xmag.models.checkpoints import is_xmag_checkpoint, load_encoder, load_xmag_checkpoint
     from xmag.models.encoder import TileEncoder
 
-    encoder = TorchTileEncoder(TileEncoder(load_encoder(weights, weights_format, encoder_config)), precision)
-    stored_heads = load_slide_heads(weights) if weights.suffix == ".safetensors" else None
+    if weights_format in ("auto", "xmag") and is_xmag_checkpoint(weights):
+        checkpoint = load_xmag_checkpoint(weights)  # encoder and heads from one read
+        vit, stored_heads = checkpoint.vit, checkpoint.heads
+    else:
+        vit, stored_heads = load_encoder(weights, weights_format, encoder_config), None
+    encoder = TorchTileEncoder(TileEncoder(vit), precision)
     provenance = {
         "model": f"checkpoint {weights.name}",
         "kind": "checkpoint",

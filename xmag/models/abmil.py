@@ -108,24 +108,6 @@ class SlideHeads(nn.Module):
         _check_features(features, self.in_dim)
         return {task: head(features) for task, head in self.heads.items()}
 
-    @torch.no_grad()
-    def predict(self, features: torch.Tensor) -> dict[str, dict]:
-        """Per task: class probabilities by name, the most probable label, and the attention.
-
-        Returns {task: {"probabilities": {class_name: float}, "label": str,
-        "attention": Tensor (N,)}}.
-        """
-        predictions = {}
-        for task, (logits, attention) in self.forward(features).items():
-            probabilities = torch.softmax(logits, dim=-1)
-            names = self.class_names[task]
-            predictions[task] = {
-                "probabilities": {name: float(p) for name, p in zip(names, probabilities)},
-                "label": names[int(probabilities.argmax())],
-                "attention": attention,
-            }
-        return predictions
-
 
 def _check_features(features: torch.Tensor, in_dim: int) -> None:
     if features.ndim != 2 or features.shape[1] != in_dim:

@@ -28,6 +28,7 @@ mis-shaped keys before anything is copied into the model.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 import math
 import os
 import re
@@ -369,12 +370,19 @@ def save_encoder_checkpoint(
     os.replace(partial_path, path)
 
 
-def load_encoder_checkpoint(path: str | os.PathLike) -> VisionTransformer:
-    """Rebuild a VisionTransformer from a file written by `save_encoder_checkpoint`.
+@dataclass(frozen=True)
+class XmagCheckpoint:
+    """Everything an XMAG checkpoint file holds, read from it once."""
 
-    The architecture comes from the file's metadata. Returns the model in
-    eval mode, with the dtype the weights were stored in.
-    """
+    vit: VisionTransformer
+    heads: SlideHeads | None
+    metadata: dict[str, str]
+
+
+def load_xmag_checkpoint(path: str | os.PathLike) -> XmagCheckpoint:
+    """Rebuild the encoder, the slide heads (if stored) and the metadata of a file written by
+    `save_encoder_checkpoint`; the architecture comes from the metadata. Models are in eval mode,
+    with the dtype the weights were stored in."""
     path = Path(path)
     state_dict, metadata = _read_checkpoint(path)
     if metadata.get("format") != XMAG_ENCODER_FORMAT_TAG or "vit_config" not in metadata:
@@ -384,32 +392,29 @@ def load_encoder_checkpoint(path: str | os.PathLike) -> VisionTransformer:
             "build a VisionTransformer from a config and use load_vit_weights."
         )
     config = _parse_stored_config(metadata["vit_config"], str(path))
-    state_dict = {key: value for key, value in state_dict.items() if not key.startswith(HEADS_PREFIX)}
+    vit_state = {key: value for key, value in state_dict.items() if not key.startswith(HEADS_PREFIX)}
+    head_state = {key[len(HEADS_PREFIX) :]: value for key, value in state_dict.items() if key.startswith(HEADS_PREFIX)}
     # Built on the meta device and then given the loaded tensors: no time or
     # memory is spent on random weights that would be overwritten anyway.
     with torch.device("meta"):
-        model = VisionTransformer(config)
-    _check_fits(model, state_dict, fmt="xmag", source=str(path))
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.eval()
+        vit = VisionTransformer(config)
+    _check_fits(vit, vit_state, fmt="xmag", source=str(path))
+    vit.load_state_dict(vit_state, strict=True, assign=True)
+    heads = _build_heads(metadata, head_state, path) if "heads" in metadata else None
+    return XmagCheckpoint(vit=vit.eval(), heads=heads, metadata=metadata)
 
 
-def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The string metadata of a safetensors checkpoint (provenance, configs), without reading tensors."""
-    path = Path(path)
-    try:
-        with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
-            return dict(handle.metadata() or {})
-    except Exception as error:
-        raise CheckpointError(f"cannot read the metadata of {path}: {error}") from error
+def load_encoder_checkpoint(path: str | os.PathLike) -> VisionTransformer:
+    """The encoder of an XMAG checkpoint (see `load_xmag_checkpoint`)."""
+    return load_xmag_checkpoint(path).vit
 
 
 def load_slide_heads(path: str | os.PathLike) -> SlideHeads | None:
     """The slide heads stored in an XMAG checkpoint, in eval mode; None if it has none."""
-    path = Path(path)
-    state_dict, metadata = _read_checkpoint(path)
-    if "heads" not in metadata:
-        return None
+    return load_xmag_checkpoint(path).heads
+
+
+def _build_heads(metadata: Mapping[str, str], head_state: Mapping[str, torch.Tensor], path: Path) -> SlideHeads:
     try:
         specs = json.loads(metadata["heads"])
         heads = SlideHeads(
@@ -426,10 +431,19 @@ def load_slide_heads(path: str | os.PathLike) -> SlideHeads | None:
         )
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{path} has an unreadable 'heads' metadata entry: {error}") from error
-    head_state = {key[len(HEADS_PREFIX) :]: value for key, value in state_dict.items() if key.startswith(HEADS_PREFIX)}
     _check_fits(heads.heads, head_state, fmt="xmag heads", source=str(path))
     heads.heads.load_state_dict(head_state, strict=True)
     return heads.eval()
+
+
+def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors checkpoint (provenance, configs), without reading tensors."""
+    path = Path(path)
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as error:
+        raise CheckpointError(f"cannot read the metadata of {path}: {error}") from error
 
 
 def load_encoder(
@@ -442,14 +456,15 @@ def load_encoder(
     configuration of VIT_CONFIGS.
     """
     path = Path(path)
-    if fmt == "xmag" or (fmt == "auto" and _is_xmag_encoder_file(path)):
+    if fmt == "xmag" or (fmt == "auto" and is_xmag_checkpoint(path)):
         return load_encoder_checkpoint(path)
     model = VisionTransformer(get_vit_config(config_name))
     load_vit_weights(model, path, fmt)
     return model.eval()
 
 
-def _is_xmag_encoder_file(path: Path) -> bool:
+def is_xmag_checkpoint(path: Path) -> bool:
+    """True for a safetensors file written by `save_encoder_checkpoint` (reads only its header)."""
     if path.suffix.lower() != ".safetensors" or not path.is_file():
         return False
     try:
