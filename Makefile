@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine (Python >= 3.10 with venv):
-#   make demo   - classify the generated demo slide with untrained demo weights
+#   make demo   - start the service on the demo model, classify the demo slide via POST /v1/classify
 #   make test   - run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/xmag classify --out out
+	$(BIN)/xmag demo --out out
 
 test: $(VENV)/.installed
 	XMAG_REQUIRE_CUCIM=1 $(BIN)/python -m pytest

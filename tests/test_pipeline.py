@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from test_errors import damage_tiles
 
 from xmag.cli import app
-from xmag.errors import CorruptSlideError
+from xmag.errors import CorruptSlideError, TooManyTilesError
 from xmag.heatmap import render_attention_heatmap
 from xmag.inference import TorchSlideHeads, TorchTileEncoder
 from xmag.model_repo import load_model_repository
@@ -42,9 +42,7 @@ def tiny_models():
 def test_one_encode_feeds_every_head(slide_20x, tiny_models, backend):
     encoder, heads = tiny_models
     seen = []
-    result = classify_slide(
-        str(slide_20x.path), encoder, heads, backend=backend, batch_size=5, progress=lambda done, total: seen.append((done, total))
-    )
+    result = classify_slide(str(slide_20x.path), encoder, heads, backend=backend, batch_size=5, on_event=seen.append)
     tile_count = result.facts.tile_count
     assert tile_count == len(result.level0_coords) == len(result.embeddings) > 0
     assert set(result.predictions) == {"tumour", "grade"}
@@ -53,7 +51,11 @@ def test_one_encode_feeds_every_head(slide_20x, tiny_models, backend):
         assert prediction.attention.sum() == pytest.approx(1.0, abs=1e-5)
         assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
         assert prediction.label == max(prediction.probabilities, key=prediction.probabilities.get)
-    assert seen[-1] == (tile_count, tile_count)
+    stages = [event.stage for event in seen]
+    assert stages[:2] == ["opened", "planned"] and stages[-1] == "heads_done"
+    encoded = [event.tiles_done for event in seen if event.stage == "encoded"]
+    assert encoded == sorted(encoded) and encoded[-1] == tile_count and len(encoded) == -(-tile_count // 5)
+    assert all(event.tiles_total == tile_count for event in seen[1:])
     assert set(result.timings_s) == {"open", "tissue", "read", "encode", "heads"}
     assert result.facts.mpp == pytest.approx(0.5) and result.facts.base_magnification == pytest.approx(20)
     assert result.facts.reader_backend == backend and result.facts.read_level == 1
@@ -76,23 +78,33 @@ def test_a_reader_error_midway_surfaces_and_stops(tmp_path, slide_20x, tiny_mode
         classify_slide(str(damaged), encoder, heads, batch_size=4)
 
 
-def test_cancelling_through_progress_stops_the_reader(slide_20x, tiny_models):
+def test_cancelling_through_an_event_stops_the_reader(slide_20x, tiny_models):
     class Cancelled(Exception):
         pass
 
-    def cancel_after_first_batch(done, total):
-        raise Cancelled
+    def cancel_after_first_batch(event):
+        if event.stage == "encoded":
+            raise Cancelled
 
     encoder, heads = tiny_models
     try:
-        classify_slide(str(slide_20x.path), encoder, heads, batch_size=4, progress=cancel_after_first_batch)
+        classify_slide(str(slide_20x.path), encoder, heads, batch_size=4, on_event=cancel_after_first_batch)
     except Cancelled:
         # Checked while the exception (and the pipeline's frames) are still alive:
         # the reader thread must be gone already, not merely collected later.
         still_reading = [thread for thread in threading.enumerate() if thread.name == "xmag-tile-reader"]
     else:
-        pytest.fail("the pipeline did not stop when progress raised")
+        pytest.fail("the pipeline did not stop when the event callback raised")
     assert not still_reading
+
+
+def test_a_slide_over_the_tile_cap_is_refused_before_reading(slide_20x, tiny_models):
+    encoder, heads = tiny_models
+    seen = []
+    with pytest.raises(TooManyTilesError, match="more than this service's cap of 10 tiles") as raised:
+        classify_slide(str(slide_20x.path), encoder, heads, max_tiles=10, on_event=seen.append)
+    assert raised.value.max_tiles == 10 and raised.value.tile_count > 10
+    assert [event.stage for event in seen] == ["opened"]
 
 
 def test_tiling_must_match_the_encoder(slide_20x, tiny_models):

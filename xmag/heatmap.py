@@ -52,3 +52,38 @@ def render_attention_heatmap(
         bottom = min(height, int(round((y + tile_size_level0_px) / level0_px_per_thumbnail_px)))
         canvas[top:bottom, left:right] = (1 - opacity) * canvas[top:bottom, left:right] + opacity * colour
     return Image.fromarray(np.rint(canvas).astype(np.uint8))
+
+
+def attention_geojson(
+    level0_coords: np.ndarray, tile_size_level0_px: int, attention: np.ndarray, task: str
+) -> dict:
+    """Tiles as a GeoJSON FeatureCollection that QuPath imports (File > Import objects, or drag and drop).
+
+    Each tile is a square detection in level-0 pixel coordinates (QuPath's image
+    space) with two measurements: `attention` (the weight; they sum to 1 over the
+    slide) and `attention_scaled` (min-max scaled to 0..1 over the slide), which
+    QuPath's measurement maps can colour.
+    """
+    level0_coords = np.asarray(level0_coords).reshape(-1, 2)
+    attention = np.asarray(attention, dtype=np.float64).reshape(-1)
+    if len(attention) != len(level0_coords):
+        raise ValueError(f"{len(attention)} attention weights for {len(level0_coords)} tiles")
+    span = float(attention.max() - attention.min()) if len(attention) else 0.0
+    scaled = (attention - attention.min()) / span if span > 0 else np.ones_like(attention)
+    size = int(tile_size_level0_px)
+    features = []
+    for index, ((x, y), weight, weight_scaled) in enumerate(zip(level0_coords.tolist(), attention, scaled)):
+        ring = [[x, y], [x + size, y], [x + size, y + size], [x, y + size], [x, y]]
+        features.append(
+            {
+                "type": "Feature",
+                "id": f"{task}-tile-{index}",
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {
+                    "objectType": "detection",
+                    "name": f"{task} tile {index}",
+                    "measurements": {"attention": float(weight), "attention_scaled": float(weight_scaled)},
+                },
+            }
+        )
+    return {"type": "FeatureCollection", "features": features}

@@ -1,8 +1,9 @@
-"""Classify one slide in-process: open, find tissue, tile at 5x, read, encode, run the heads.
+"""Classify one slide: open, find tissue, tile at 5x, read, encode, run the heads.
 
 Reading and encoding overlap: a background thread decodes batch k+1 while the
-encoder works on batch k. This is the core the service's engine builds on; it
-knows nothing of HTTP or gRPC.
+encoder works on batch k. The command line runs this with an encoder of its
+own; the service's engine runs it once per slide with an encoder that hands
+the tiles to its batch scheduler. It knows nothing of HTTP or gRPC.
 """
 
 from __future__ import annotations
@@ -12,17 +13,29 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 
-from xmag.errors import NoTissueError
+from xmag.errors import NoTissueError, TooManyTilesError
 from xmag.inference import SlideHeadsRuntime, TaskOutput, TileEncoderRuntime
 from xmag.slide.reader import BackendName, open_slide, resolve_mpp
 from xmag.slide.tiling import XMAG_5X, TileGrid, TilingSpec, iter_tile_batches, plan_tile_grid
 from xmag.slide.tissue import DEFAULT_THUMBNAIL_UM_PER_PX, TissueMask, tissue_mask_for_slide
 
-ProgressCallback = Callable[[int, int], None]  # (tiles encoded so far, total tiles)
+Stage = Literal["opened", "planned", "encoded", "heads_done"]
+
+
+@dataclass(frozen=True)
+class SlideEvent:
+    """Progress of one slide: opened, tiles planned, k of N tiles encoded (once per batch), heads done."""
+
+    stage: Stage
+    tiles_done: int = 0
+    tiles_total: int = 0
+
+
+EventCallback = Callable[[SlideEvent], None]
 
 
 @dataclass(frozen=True)
@@ -107,14 +120,21 @@ def classify_slide(
     batch_size: int = 32,
     num_workers: int = 2,
     fallback_mpp: float | None = None,
-    progress: ProgressCallback | None = None,
+    max_tiles: int | None = None,
+    on_event: EventCallback | None = None,
 ) -> SlideResult:
     """Run the whole pipeline on one slide; one encode feeds every head.
 
     Raises the core's typed errors (SlideNotFoundError, NotASlideError,
-    CorruptSlideError, MissingResolutionError, NoTissueError). An exception
-    raised by `progress` stops the work (a way to cancel) and propagates.
+    CorruptSlideError, MissingResolutionError, NoTissueError, and
+    TooManyTilesError when the grid has more than `max_tiles` tiles, before any
+    tile is read). An exception raised by `on_event` stops the work (the way to
+    cancel) and propagates.
     """
+    def emit(stage: Stage, tiles_done: int = 0, tiles_total: int = 0) -> None:
+        if on_event is not None:
+            on_event(SlideEvent(stage, tiles_done, tiles_total))
+
     if spec.tile_size_px != encoder.tile_size_px:
         raise ValueError(
             f"the tiling makes {spec.tile_size_px} px tiles but the encoder takes {encoder.tile_size_px} px"
@@ -125,6 +145,7 @@ def classify_slide(
         info = reader.info
         mpp = resolve_mpp(info, fallback_mpp, slide_path)
         timings_s["open"] = time.perf_counter() - started
+        emit("opened")
 
         started = time.perf_counter()
         tissue, thumbnail = tissue_mask_for_slide(reader, mpp, DEFAULT_THUMBNAIL_UM_PER_PX)
@@ -137,8 +158,19 @@ def classify_slide(
                 f"{tissue.tissue_area_mm2:.3f} mm²). Check that the slide is not blank or out of focus.",
                 slide_path,
             )
+        if max_tiles is not None and len(grid) > max_tiles:
+            raise TooManyTilesError(
+                f"The slide has {len(grid)} tiles at {spec.target_mpp} µm/px, more than this service's cap of "
+                f"{max_tiles} tiles per slide (tissue area {tissue.tissue_area_mm2:.1f} mm²). Ask the operator to raise "
+                "the cap (--max-tiles-per-slide) if slides this large are expected.",
+                slide_path,
+                tile_count=len(grid),
+                max_tiles=max_tiles,
+            )
+        emit("planned", 0, len(grid))
 
         embeddings = []
+        tiles_done = 0
         read_wait_s = 0.0
         encode_s = 0.0
         with _prefetch(iter_tile_batches(reader, grid, batch_size), depth=2) as batches:
@@ -152,8 +184,8 @@ def classify_slide(
                 encode_started = time.perf_counter()
                 embeddings.append(encoder.encode(tiles))
                 encode_s += time.perf_counter() - encode_started
-                if progress is not None:
-                    progress(sum(len(e) for e in embeddings), len(grid))
+                tiles_done += len(tiles)
+                emit("encoded", tiles_done, len(grid))
         # "read" is the time the encoder waited for tiles, i.e. reading not hidden behind encoding.
         timings_s["read"] = read_wait_s
         timings_s["encode"] = encode_s
@@ -162,6 +194,7 @@ def classify_slide(
     features = np.concatenate(embeddings).astype(np.float32, copy=False)
     predictions = heads.predict(features)
     timings_s["heads"] = time.perf_counter() - started
+    emit("heads_done", len(grid), len(grid))
     facts = SlideFacts(
         width_px=info.width_px,
         height_px=info.height_px,

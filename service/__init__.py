@@ -1,0 +1,1 @@
+"""The XMAG inference service: one engine, REST (and later gRPC) faces."""

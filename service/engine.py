@@ -1,0 +1,345 @@
+"""The inference engine: admission, the slide pipeline per request, the shared batch scheduler.
+
+Both faces (REST now, gRPC next) call `Engine.submit` and wait on the job's
+future; the engine knows nothing of HTTP or gRPC.
+
+One slide's life:
+
+    submit: ready? → path guard (403 before any open) → tasks known? → admitted, or QueueFullError
+    queued  until one of `max_concurrent_slides` pipeline threads is free
+    running `xmag.pipeline.classify_slide` with an encoder that joins the shared batches:
+            open → tissue → tile grid (tile cap) → tiles read by reader threads → encoded
+            in batches packed across slides → every requested head on one set of features
+    done    the future holds an EngineResult or a typed error; metrics updated
+
+A job can be cancelled (by its caller, or by its deadline) while queued or
+running: its queue place is released at once, and its remaining tiles are
+withdrawn from the scheduler at the next chunk.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+
+from service.errors import (
+    NotReadyError,
+    QueueFullError,
+    SlideCancelledError,
+    SlideTimeoutError,
+    UnknownTaskError,
+)
+from service.guard import SlidePathGuard
+from service.metrics import ServiceMetrics
+from service.scheduler import BatchScheduler, ChunkCancelledError, ScheduledEncoder
+from service.settings import ServiceSettings
+from xmag.errors import XmagError
+from xmag.inference import SlideHeadsRuntime, TileEncoderRuntime
+from xmag.model_repo import MANIFEST_FILE, ModelRepository, sha256_of
+from xmag.pipeline import SlideEvent, SlideResult, classify_slide
+from xmag.slide.tiling import TilingSpec
+
+log = logging.getLogger("xmag.engine")
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What a client is told about the model behind every answer."""
+
+    name: str
+    version: int
+    kind: Literal["trained", "untrained-demo", "checkpoint"]
+    manifest_sha256: str | None  # identifies the exported repository build
+    weights_sha256: str | None  # the source checkpoint the repository was exported from
+    notice: str  # non-empty for untrained demo weights
+    tasks: dict[str, list[str]]  # task -> class names
+    tile_size_px: int
+    target_mpp: float
+    encoder: str  # the runtime that runs it, e.g. "onnxruntime int8 (CPUExecutionProvider)"
+    backend_measurements: list[dict] = field(default_factory=list)  # what auto-selection measured at start
+
+    @classmethod
+    def of_repository(cls, repository: ModelRepository, encoder: str, measurements: list[dict]) -> "ModelDescription":
+        from xmag.demo import DEMO_WEIGHTS_NOTICE
+
+        manifest = repository.manifest
+        kind = manifest.provenance.kind
+        return cls(
+            name=manifest.model_name,
+            version=manifest.model_version,
+            kind=kind,
+            manifest_sha256=sha256_of(repository.root / MANIFEST_FILE),
+            weights_sha256=manifest.provenance.source_sha256,
+            notice=DEMO_WEIGHTS_NOTICE if kind == "untrained-demo" else "",
+            tasks={task.name: list(task.class_names) for task in manifest.tasks},
+            tile_size_px=manifest.encoder.tile_size_px,
+            target_mpp=manifest.encoder.target_mpp,
+            encoder=encoder,
+            backend_measurements=measurements,
+        )
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    job_id: str
+    slide: SlideResult  # predictions already narrowed to the requested tasks
+    timings_s: dict[str, float]  # queue, open, tissue, read, encode, heads, total
+
+
+EventListener = Callable[[SlideEvent], None]
+
+
+class _Stop(Exception):
+    """Raised inside the pipeline of a job that was cancelled or ran out of time."""
+
+
+class SlideJob:
+    """One admitted slide. `future` resolves to an EngineResult or raises a typed error."""
+
+    def __init__(self, engine: "Engine", real_path: Path, tasks: list[str], fallback_mpp: float | None,
+                 timeout_s: float, on_event: EventListener | None):
+        self.id = uuid.uuid4().hex
+        self.real_path = real_path
+        self.tasks = tasks
+        self.fallback_mpp = fallback_mpp
+        self.timeout_s = timeout_s
+        self.on_event = on_event
+        self.future: concurrent.futures.Future[EngineResult] = concurrent.futures.Future()
+        self.cancelled = threading.Event()  # set on cancel or timeout; the scheduler watches it
+        self.admitted_at = time.monotonic()
+        self.state: Literal["queued", "running", "done"] = "queued"
+        self.stop_reason: XmagError | None = None
+        self._engine = engine
+
+    def cancel(self) -> None:
+        """Stop the slide: released at once if queued; remaining tiles withdrawn if running."""
+        self._engine._stop(self, SlideCancelledError("the slide was cancelled by its caller"))
+
+
+class Engine:
+    """Runs slides through one encoder and one set of heads, packing tiles of concurrent slides into batches."""
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        encoder: TileEncoderRuntime,
+        heads: SlideHeadsRuntime,
+        model: ModelDescription,
+        metrics: ServiceMetrics | None = None,
+    ):
+        self.settings = settings
+        self.heads = heads
+        self.model = model
+        self.metrics = metrics or ServiceMetrics()
+        self.spec = TilingSpec(target_mpp=model.target_mpp, tile_size_px=model.tile_size_px)
+        self.guard = SlidePathGuard(settings.slide_roots)
+        self.scheduler = BatchScheduler(
+            encoder, settings.max_batch_size, settings.max_batch_wait_ms / 1000, on_batch=self._record_batch
+        )
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=settings.max_concurrent_slides, thread_name_prefix="xmag-slide"
+        )
+        self._lock = threading.Lock()
+        self._jobs: set[SlideJob] = set()
+        self._queued = 0
+        self._running = 0
+        self._ready = False
+        self._closing = False
+        self._recent_slide_s: list[float] = []  # for Retry-After estimates
+        self.metrics.queue_depth.set_function(lambda: self._queued)
+        self.metrics.inflight.set_function(lambda: self._running)
+        self.metrics.pending_tiles.set_function(lambda: self.scheduler.pending_tiles)
+        self.metrics.model.info(
+            {"name": model.name, "version": str(model.version), "kind": model.kind, "encoder": model.encoder,
+             "manifest_sha256": model.manifest_sha256 or ""}
+        )
+
+    @classmethod
+    def from_settings(cls, settings: ServiceSettings, metrics: ServiceMetrics | None = None) -> "Engine":
+        """Load and verify the model repository (the demo one by default) and choose the encoder backend."""
+        from xmag.inference import heads_from_repository, select_encoder_runtime
+        from xmag.model_repo import load_model_repository
+
+        if settings.model_repo is None:
+            from export.demo import DEMO_REPOSITORY, ensure_demo_repository
+
+            repository = load_model_repository(ensure_demo_repository(DEMO_REPOSITORY))
+        else:
+            repository = load_model_repository(settings.model_repo)
+        selection = select_encoder_runtime(repository, settings.encoder_backend, settings.precision)
+        measurements = [dataclasses.asdict(m) for m in selection.measurements]
+        model = ModelDescription.of_repository(repository, selection.runtime.description, measurements)
+        return cls(settings, selection.runtime, heads_from_repository(repository), model, metrics)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and not self._closing
+
+    def warm_up(self) -> None:
+        """One chunk through the scheduler and the heads, so the first slide pays no start-up cost; then ready."""
+        tiles = np.zeros((self.settings.read_batch_size, self.spec.tile_size_px, self.spec.tile_size_px, 3), np.uint8)
+        # Straight to the encoder, not through the scheduler: warm-up is not traffic and stays out of the metrics.
+        features = self.scheduler.encoder.encode(tiles)
+        self.heads.predict(features)
+        self._ready = True
+        self.metrics.ready.set(1)
+        log.info("ready: %s v%s on %s", self.model.name, self.model.version, self.model.encoder)
+
+    def submit(
+        self,
+        slide_path: str,
+        tasks: list[str] | None = None,
+        *,
+        fallback_mpp: float | None = None,
+        timeout_s: float | None = None,
+        on_event: EventListener | None = None,
+    ) -> SlideJob:
+        """Admit one slide or raise: NotReadyError, InvalidRequestError/UnknownTaskError,
+        SlidePathForbiddenError, SlideNotFoundError, QueueFullError. Nothing is opened here."""
+        if self._closing:
+            raise NotReadyError("the service is shutting down")
+        if not self._ready:
+            raise NotReadyError("the model is still loading or warming up")
+        unknown = sorted(set(tasks or ()) - set(self.model.tasks))
+        if unknown:
+            raise UnknownTaskError(f"unknown task(s) {unknown}; this model has {sorted(self.model.tasks)}")
+        real_path = self.guard.resolve(slide_path)
+        limit = self.settings.request_timeout_s
+        job = SlideJob(
+            self, real_path, list(dict.fromkeys(tasks)) if tasks else list(self.model.tasks), fallback_mpp,
+            min(timeout_s, limit) if timeout_s else limit, on_event,
+        )
+        with self._lock:
+            admitted = self._queued + self._running
+            if admitted >= self.settings.max_concurrent_slides + self.settings.max_queued_slides:
+                raise QueueFullError(
+                    f"{admitted} slides are being processed or waiting, the most this service admits; retry later",
+                    retry_after_s=self._retry_after_s(),
+                )
+            self._queued += 1
+            self._jobs.add(job)
+        timer = threading.Timer(job.timeout_s, self._stop, (job, SlideTimeoutError(
+            f"the slide did not finish within {job.timeout_s:g} s; its remaining work was cancelled")))
+        timer.daemon = True
+        timer.start()
+        job.future.add_done_callback(lambda _: timer.cancel())
+        self._pool.submit(self._run, job)
+        return job
+
+    def close(self, drain_timeout_s: float = 30.0) -> None:
+        """Refuse new slides, let admitted ones finish (up to `drain_timeout_s`), cancel the rest, stop."""
+        self._closing = True
+        self.metrics.ready.set(0)
+        with self._lock:
+            pending = [job.future for job in self._jobs]
+        _, not_done = concurrent.futures.wait(pending, timeout=drain_timeout_s)
+        for job in list(self._jobs):
+            self._stop(job, NotReadyError("the service shut down before the slide finished"))
+        self._pool.shutdown(wait=True)
+        self.scheduler.stop()
+        if not_done:
+            log.warning("shut down with %d slide(s) unfinished after %.0f s", len(not_done), drain_timeout_s)
+
+    # -- internals ---------------------------------------------------------
+
+    def _stop(self, job: SlideJob, reason: XmagError) -> None:
+        with self._lock:
+            if job.state == "done" or job.stop_reason is not None:
+                return
+            job.stop_reason = reason
+            job.cancelled.set()
+            if job.state != "queued":
+                return  # the pipeline thread notices at its next chunk or event and finishes the job
+            job.state = "done"
+            self._queued -= 1
+            self._jobs.discard(job)
+        self._record_outcome(reason.code)
+        job.future.set_exception(reason)
+
+    def _run(self, job: SlideJob) -> None:
+        with self._lock:
+            if job.state != "queued":
+                return
+            job.state = "running"
+            self._queued -= 1
+            self._running += 1
+        queue_s = time.monotonic() - job.admitted_at
+        outcome: EngineResult | BaseException
+        try:
+            slide = classify_slide(
+                str(job.real_path),
+                ScheduledEncoder(self.scheduler, job.cancelled),
+                self.heads,
+                spec=self.spec,
+                backend=self.settings.reader_backend,
+                batch_size=self.settings.read_batch_size,
+                num_workers=self.settings.reader_threads,
+                fallback_mpp=job.fallback_mpp,
+                max_tiles=self.settings.max_tiles_per_slide,
+                on_event=lambda event: self._on_event(job, event),
+            )
+            slide = dataclasses.replace(slide, predictions={task: slide.predictions[task] for task in job.tasks})
+            total_s = time.monotonic() - job.admitted_at
+            outcome = EngineResult(job.id, slide, {"queue": queue_s, **slide.timings_s, "total": total_s})
+        except (_Stop, ChunkCancelledError):
+            outcome = job.stop_reason
+        except XmagError as error:
+            outcome = error
+        except Exception as error:  # noqa: BLE001 - one failing slide must not take the service down
+            # The message may quote the slide path, so only its type is logged above debug level.
+            log.error("slide %s failed with an unexpected %s", job.id, type(error).__name__)
+            log.debug("slide %s failure", job.id, exc_info=True)
+            outcome = error
+        finally:
+            with self._lock:
+                job.state = "done"
+                self._running -= 1
+                self._jobs.discard(job)
+        self._finish(job, outcome)
+
+    def _on_event(self, job: SlideJob, event: SlideEvent) -> None:
+        if job.cancelled.is_set():
+            raise _Stop()
+        if job.on_event is not None:
+            try:
+                job.on_event(event)
+            except Exception:  # noqa: BLE001 - a listener's failure must not fail the slide
+                log.debug("event listener of slide %s failed", job.id, exc_info=True)
+
+    def _finish(self, job: SlideJob, outcome: EngineResult | BaseException) -> None:
+        if isinstance(outcome, EngineResult):
+            stages = outcome.timings_s
+            self.metrics.slides.labels(outcome="ok").inc()
+            self.metrics.slide_seconds.observe(stages["total"])
+            for stage, seconds in stages.items():
+                if stage != "total":
+                    self.metrics.stage_seconds.labels(stage=stage).observe(seconds)
+            with self._lock:
+                self._recent_slide_s = (self._recent_slide_s + [stages["total"]])[-20:]
+            job.future.set_result(outcome)
+        else:
+            self._record_outcome(getattr(outcome, "code", "internal"))
+            job.future.set_exception(outcome)
+
+    def _record_outcome(self, code: str) -> None:
+        self.metrics.slides.labels(outcome=code).inc()
+
+    def _record_batch(self, tile_count: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(tile_count)
+        self.metrics.batch_seconds.observe(seconds)
+        self.metrics.tiles.inc(tile_count)
+
+    def _retry_after_s(self) -> int:
+        """About how long until a queue place frees: a recent slide's time, at least 1 s."""
+        recent = self._recent_slide_s
+        typical = sorted(recent)[len(recent) // 2] if recent else 10.0
+        return max(1, int(round(typical)))

@@ -1,0 +1,323 @@
+"""The REST face: FastAPI routes that translate HTTP to engine calls and typed errors to status codes.
+
+Status codes live in `STATUS_BY_ERROR`, the one place they are decided. The
+model loads on a background thread after start-up, so `/healthz` answers at
+once and `/readyz` turns 200 when the model is loaded, verified and warmed up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import threading
+from typing import Callable
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import schemas
+from service.engine import Engine, EngineResult
+from service.errors import (
+    InvalidRequestError,
+    NotReadyError,
+    QueueFullError,
+    ResultNotFoundError,
+    SlideCancelledError,
+    SlidePathForbiddenError,
+    SlideTimeoutError,
+)
+from service.metrics import ServiceMetrics
+from service.results import ResultStore
+from service.settings import ServiceSettings
+from xmag import __version__
+from xmag.errors import (
+    CorruptSlideError,
+    MissingResolutionError,
+    NoTissueError,
+    NotASlideError,
+    SlideNotFoundError,
+    TooManyTilesError,
+    XmagError,
+)
+
+log = logging.getLogger("xmag.rest")
+
+STATUS_BY_ERROR: dict[type[Exception], int] = {
+    SlidePathForbiddenError: 403,
+    SlideNotFoundError: 404,
+    ResultNotFoundError: 404,
+    NotASlideError: 415,
+    TooManyTilesError: 413,
+    CorruptSlideError: 422,
+    NoTissueError: 422,
+    MissingResolutionError: 422,
+    InvalidRequestError: 422,
+    QueueFullError: 429,
+    SlideCancelledError: 499,  # the client went away; nobody reads this answer
+    NotReadyError: 503,
+    SlideTimeoutError: 504,
+}
+
+UNAUTHORISED = JSONResponse(
+    {"error": {"code": "unauthorised", "message": "a valid API key is required: send 'Authorization: Bearer <key>'"}},
+    status_code=401,
+    headers={"WWW-Authenticate": "Bearer"},
+)
+
+ERROR_RESPONSES = {
+    status: {"model": schemas.ErrorResponse}
+    for status in (400, 401, 403, 404, 413, 415, 422, 429, 500, 503, 504)
+}
+
+EngineFactory = Callable[[ServiceSettings, ServiceMetrics], Engine]
+
+
+def status_of(error: BaseException) -> int:
+    """The HTTP status of an engine or core error; 500 for anything unexpected."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return 500
+
+
+def error_response(error: BaseException) -> JSONResponse:
+    status = status_of(error)
+    if isinstance(error, XmagError) and status != 500:
+        body = {"error": {"code": error.code, "message": str(error)}}
+    else:
+        body = {"error": {"code": "internal", "message": "internal error; the server log has the details"}}
+    headers = {}
+    if isinstance(error, (QueueFullError, NotReadyError)):
+        headers["Retry-After"] = str(error.retry_after_s)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _EngineHolder:
+    """The engine once loaded, or why it is not (yet)."""
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self.failure: str | None = None
+
+    def require(self) -> Engine:
+        if self.engine is not None and self.engine.ready:
+            return self.engine
+        if self.failure:
+            raise NotReadyError(f"the model failed to load: {self.failure}", retry_after_s=60)
+        raise NotReadyError("the model is still loading or warming up")
+
+
+def create_app(settings: ServiceSettings, engine_factory: EngineFactory = Engine.from_settings) -> FastAPI:
+    """The REST application; the engine is built by `engine_factory` on a background thread at start-up."""
+    metrics = ServiceMetrics()
+    holder = _EngineHolder()
+    store = ResultStore(settings.result_cache_size)
+
+    def load() -> None:
+        try:
+            engine = engine_factory(settings, metrics)
+            engine.warm_up()
+            holder.engine = engine
+        except Exception as error:  # noqa: BLE001 - reported by /readyz and every /v1 call
+            holder.failure = str(error) if isinstance(error, XmagError) else f"{type(error).__name__}: {error}"
+            log.error("the model failed to load: %s", holder.failure)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = threading.Thread(target=load, name="xmag-model-loader", daemon=True)
+        loader.start()
+        yield
+        await asyncio.to_thread(loader.join)
+        if holder.engine is not None:
+            # uvicorn has already waited for open requests; this stops the worker threads.
+            await asyncio.to_thread(holder.engine.close, settings.request_timeout_s)
+
+    app = FastAPI(
+        title="XMAG slide classification",
+        version=__version__,
+        description="Slide-level predictions and attention maps from whole-slide images, with a 5x pathology encoder.",
+        lifespan=lifespan,
+    )
+    app.state.metrics = metrics
+    app.state.engine_holder = holder
+
+    bearer = HTTPBearer(auto_error=False, description="An API key, when the service is configured with any.")
+
+    def authorised(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if not settings.api_keys:
+            return
+        offered = credentials.credentials.encode() if credentials is not None else b""
+        # compare_digest against every key, so the time taken does not tell which key was close.
+        if not any([hmac.compare_digest(offered, key.encode()) for key in settings.api_keys]):
+            raise _Unauthorised()
+
+    @app.exception_handler(_Unauthorised)
+    async def _on_unauthorised(request: Request, error: "_Unauthorised") -> JSONResponse:
+        return UNAUTHORISED
+
+    @app.exception_handler(XmagError)
+    async def _on_xmag_error(request: Request, error: XmagError) -> JSONResponse:
+        return error_response(error)
+
+    @app.exception_handler(Exception)
+    async def _on_unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.error("unexpected %s while answering %s", type(error).__name__, request.url.path)
+        log.debug("unexpected error", exc_info=error)
+        return error_response(error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals (a body that cannot be parsed, an unknown path, a wrong method) in our error shape.
+        codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+        return JSONResponse(
+            {"error": {"code": codes.get(error.status_code, "http_error"), "message": str(error.detail)}},
+            status_code=error.status_code,
+            headers=getattr(error, "headers", None),
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in problem['loc'] if part != 'body') or 'body'}: {problem['msg']}"
+            for problem in error.errors()
+        )
+        return JSONResponse({"error": {"code": "invalid_request", "message": problems}}, status_code=422)
+
+    @app.middleware("http")
+    async def _count_requests(request: Request, call_next):
+        # The route's template, not the URL: bounded label values, and no slide or result ids in metrics.
+        try:
+            response = await call_next(request)
+        except Exception:
+            metrics.requests.labels("rest", getattr(request.scope.get("route"), "path", "unmatched"), "500").inc()
+            raise
+        metrics.requests.labels("rest", getattr(request.scope.get("route"), "path", "unmatched"), str(response.status_code)).inc()
+        return response
+
+    @app.get("/healthz", response_model=schemas.HealthResponse, tags=["operations"])
+    def healthz() -> schemas.HealthResponse:
+        """Alive: the process answers (it may still be loading the model)."""
+        return schemas.HealthResponse(status="ok")
+
+    @app.get("/readyz", response_model=schemas.HealthResponse, tags=["operations"],
+             responses={503: {"model": schemas.HealthResponse}})
+    def readyz():
+        """Ready: the model is loaded, verified and warmed up, and the service is not shutting down."""
+        engine = holder.engine
+        if engine is not None and engine.ready:
+            return schemas.HealthResponse(status="ready", detail=f"{engine.model.name} v{engine.model.version}")
+        detail = f"model failed to load: {holder.failure}" if holder.failure else (
+            "shutting down" if engine is not None else "loading the model")
+        return JSONResponse(schemas.HealthResponse(status="not ready", detail=detail).model_dump(), status_code=503)
+
+    @app.get("/metrics", tags=["operations"], response_class=Response,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}})
+    def prometheus_metrics() -> Response:
+        """Prometheus metrics (names start with xmag_)."""
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models", response_model=schemas.ModelsResponse, tags=["classification"],
+             dependencies=[Depends(authorised)], responses=ERROR_RESPONSES)
+    def models() -> schemas.ModelsResponse:
+        """The model being served: tasks and their classes, provenance, and how the encoder backend was chosen."""
+        model = holder.require().model
+        return schemas.ModelsResponse(
+            model=_model_info(model),
+            tasks=[schemas.TaskInfo(name=name, class_names=classes) for name, classes in model.tasks.items()],
+            tile_size_px=model.tile_size_px,
+            target_mpp=model.target_mpp,
+            backend_measurements=[schemas.BackendMeasurement(**m) for m in model.backend_measurements],
+        )
+
+    @app.post("/v1/classify", response_model=schemas.ClassifyResponse, tags=["classification"],
+              dependencies=[Depends(authorised)], responses=ERROR_RESPONSES)
+    async def classify(body: schemas.ClassifyRequest, request: Request):
+        """Classify one slide: slide-level predictions per task, optionally attention and heatmap links."""
+        engine = holder.require()
+        job = engine.submit(body.slide_path, body.tasks, fallback_mpp=body.mpp, timeout_s=body.timeout_s)
+        waiting = asyncio.wrap_future(job.future)
+        # Poll for the client going away, so a viewer that gives up does not keep the encoder busy.
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=1.0)
+            if done:
+                break
+            if await request.is_disconnected():
+                job.cancel()
+        result: EngineResult = waiting.result()  # raises the job's typed error, mapped by the handler above
+        if body.heatmap:
+            store.put(result)
+        return _classify_response(result, engine, body, str(request.base_url).rstrip("/"))
+
+    @app.get("/v1/results/{result_id}/heatmaps/{task}.png", tags=["classification"], response_class=Response,
+             dependencies=[Depends(authorised)],
+             responses={200: {"content": {"image/png": {}}, "description": "PNG heatmap."}, **ERROR_RESPONSES})
+    def heatmap_png(result_id: str, task: str) -> Response:
+        """The attention of one task over the slide thumbnail (bright = high attention)."""
+        return Response(store.heatmap_png(result_id, task), media_type="image/png")
+
+    @app.get("/v1/results/{result_id}/attention/{task}.geojson", tags=["classification"], response_class=Response,
+             dependencies=[Depends(authorised)],
+             responses={200: {"content": {"application/geo+json": {}}, "description": "GeoJSON."}, **ERROR_RESPONSES})
+    def attention_geojson(result_id: str, task: str) -> Response:
+        """Tiles as QuPath detections with the attention as a measurement (level-0 pixel coordinates)."""
+        import json
+
+        return Response(json.dumps(store.geojson(result_id, task)), media_type="application/geo+json")
+
+    return app
+
+
+class _Unauthorised(Exception):
+    pass
+
+
+def _model_info(model) -> schemas.ModelInfo:
+    return schemas.ModelInfo(
+        name=model.name, version=model.version, kind=model.kind, manifest_sha256=model.manifest_sha256,
+        weights_sha256=model.weights_sha256, encoder=model.encoder, notice=model.notice,
+    )
+
+
+def _classify_response(result: EngineResult, engine: Engine, body: schemas.ClassifyRequest, base_url: str):
+    slide = result.slide
+    facts = slide.facts
+    tasks = list(slide.predictions)
+    attention = None
+    if body.return_attention:
+        attention = schemas.Attention(
+            tile_size_level0_px=slide.tile_size_level0_px,
+            level0_coords=[tuple(xy) for xy in slide.level0_coords.tolist()],
+            weights={task: slide.predictions[task].attention.tolist() for task in tasks},
+        )
+    heatmaps = None
+    if body.heatmap:
+        heatmaps = {
+            task: schemas.HeatmapLinks(
+                png_url=f"{base_url}/v1/results/{result.job_id}/heatmaps/{task}.png",
+                geojson_url=f"{base_url}/v1/results/{result.job_id}/attention/{task}.geojson",
+            )
+            for task in tasks
+        }
+    return schemas.ClassifyResponse(
+        result_id=result.job_id,
+        slide=schemas.SlideFacts(
+            width_px=facts.width_px, height_px=facts.height_px, mpp=facts.mpp,
+            base_magnification=facts.base_magnification, objective_power=facts.objective_power,
+            vendor=facts.vendor, reader_backend=facts.reader_backend, read_level=facts.read_level,
+            tile_count=facts.tile_count, tile_size_px=engine.spec.tile_size_px, target_mpp=engine.spec.target_mpp,
+            tissue_area_mm2=facts.tissue_area_mm2,
+        ),
+        model=_model_info(engine.model),
+        predictions={
+            task: schemas.TaskPrediction(label=p.label, probabilities=p.probabilities)
+            for task, p in slide.predictions.items()
+        },
+        attention=attention,
+        heatmaps=heatmaps,
+        timings_s=schemas.StageTimings(**result.timings_s),
+    )

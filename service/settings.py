@@ -1,0 +1,71 @@
+"""The service's settings: flags of `xmag serve`, or environment variables `XMAG_<NAME>`.
+
+Flags win over the environment, the environment over the defaults. With no
+settings at all the service serves the demo model repository on loopback and
+reads slides only from the demo slide directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEMO_SLIDE_ROOT = Path("out/demo")
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="XMAG_", extra="forbid", frozen=True)
+
+    model_repo: Path | None = Field(None, description="Verified model repository; default: the demo repository.")
+    # Comma-separated in the environment: XMAG_SLIDE_ROOTS=/slides,/archive
+    slide_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=lambda: [DEMO_SLIDE_ROOT],
+        description="Directories slides may be read from; a relative slide_path is taken relative to the first.",
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    reader_backend: Literal["openslide", "cucim"] = "openslide"
+    encoder_backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
+
+    max_batch_size: int = Field(64, ge=1, le=4096, description="Most tiles per encoder batch, across slides.")
+    read_batch_size: int = Field(16, ge=1, le=4096, description="Tiles a slide reads and hands in at a time.")
+    max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000, description="How long a partial batch waits for more tiles.")
+    reader_threads: int = Field(2, ge=1, le=64, description="Decoding threads per slide.")
+    max_concurrent_slides: int = Field(4, ge=1, le=256, description="Slides read and encoded at the same time.")
+    max_queued_slides: int = Field(32, ge=0, le=10_000, description="Slides waiting beyond those; more get 429.")
+    max_tiles_per_slide: int = Field(20_000, ge=1, description="Larger slides get 413.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Longest a slide may take, queueing included.")
+    result_cache_size: int = Field(32, ge=0, le=10_000, description="Recent results whose heatmaps can be fetched.")
+
+    # Comma-separated in the environment: XMAG_API_KEYS=key1,key2. Empty: no authentication.
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("slide_roots", "api_keys", mode="before")
+    @classmethod
+    def _split_commas(cls, value):
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_are_long_enough(cls, keys: list[str]) -> list[str]:
+        short = [key for key in keys if len(key) < 16]
+        if short:
+            raise ValueError(f"{len(short)} API key(s) are shorter than 16 characters; use long random keys")
+        return keys
+
+    @model_validator(mode="after")
+    def _chunks_fit_batches(self) -> "ServiceSettings":
+        if self.read_batch_size > self.max_batch_size:
+            raise ValueError(
+                f"read_batch_size ({self.read_batch_size}) must not exceed max_batch_size ({self.max_batch_size}): "
+                "a slide's chunk of tiles is never split across encoder batches"
+            )
+        return self
