@@ -1,13 +1,19 @@
-"""Writing a versioned model repository: ONNX (+ int8, + TensorRT) artifacts, Triton configs, manifest.
+"""Writing a versioned model repository: torch weights, ONNX (+ int8, + TensorRT) artifacts, Triton configs, manifest.
 
-Layout (NVIDIA Triton's, plus our manifest):
+Layout (NVIDIA Triton's, plus our manifest and the torch weights):
 
     <repo>/manifest.json
+    <repo>/<model>_torch.safetensors          encoder, torch fp32 weights (XMAG checkpoint, no heads)
     <repo>/<model>/config.pbtxt               encoder, ONNX fp32
     <repo>/<model>/<version>/model.onnx
     <repo>/<model>_int8/...                   encoder, ONNX int8 (optional, CPU)
     <repo>/<model>_trt/<version>/model.sm90.trt10.x.plan   (optional, GPU)
     <repo>/<model>_head_<task>/...            one ABMIL head per task
+
+Triton loads every subdirectory of the repository as a model and ignores
+files at the root, so the manifest and the torch weights (which Triton does
+not serve; the in-process runtimes do) are root files, and the repository
+still loads in Triton as it is.
 
 The repository is built in a temporary directory beside the target and
 renamed into place at the end, so an interrupted export never leaves a
@@ -35,7 +41,7 @@ from xmag.model_repo import (
     TaskSpec,
     sha256_of,
 )
-from xmag.models.checkpoints import load_xmag_checkpoint
+from xmag.models.checkpoints import load_xmag_checkpoint, save_encoder_checkpoint
 from xmag.models.encoder import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, TileEncoder
 from xmag.models.vit import VIT_CONFIGS
 from xmag.slide.tiling import XMAG_5X
@@ -65,18 +71,22 @@ def _versions(*packages: str) -> dict[str, str]:
     return versions
 
 
+def _file_record(root: Path, path: Path) -> FileRecord:
+    return FileRecord(path=path.relative_to(root).as_posix(), sha256=sha256_of(path), size_bytes=path.stat().st_size)
+
+
 def _file_records(root: Path, directory: Path) -> list[FileRecord]:
-    return [
-        FileRecord(path=path.relative_to(root).as_posix(), sha256=sha256_of(path), size_bytes=path.stat().st_size)
-        for path in sorted(directory.rglob("*"))
-        if path.is_file()
-    ]
+    return [_file_record(root, path) for path in sorted(directory.rglob("*")) if path.is_file()]
 
 
 def export_model_repository(
     checkpoint_path: Path, repo_root: Path, options: ExportOptions = ExportOptions(), model_name: str | None = None
 ) -> Manifest:
     """Export an XMAG checkpoint (encoder + zero or more heads) into a model repository at `repo_root`.
+
+    The repository holds the encoder's torch weights (artifact `<model>_torch`,
+    an XMAG checkpoint without heads, at the root), its ONNX graphs and one
+    ONNX graph per head (layout in the module docstring).
 
     Raises onnx_export.ParityError when an fp32 artifact does not reproduce
     torch; the int8 artifact is recorded either way, marked usable only if it
@@ -110,6 +120,14 @@ def export_model_repository(
                     files=_file_records(staging, staging / name), parity=parity, usable=usable, **extra,
                 )
             )
+
+        # The encoder's own weights, for the torch runtimes and as the fp32 reference they are all measured against.
+        torch_name = f"{model_name}_torch"
+        torch_path = staging / f"{torch_name}.safetensors"
+        save_encoder_checkpoint(vit, torch_path)
+        artifacts.append(
+            Artifact(name=torch_name, role="encoder", runtime="torch", precision="fp32", files=[_file_record(staging, torch_path)])
+        )
 
         encoder_path = staging / model_name / version / "model.onnx"
         onnx_export.export_encoder(encoder, encoder_path)

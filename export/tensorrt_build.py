@@ -4,6 +4,9 @@ TensorRT needs an NVIDIA GPU, its CUDA runtime and the TensorRT 10 Python
 package; development machines and CI have none of them. So `tensorrt` is
 imported only inside the functions that use it: where it is missing they raise
 `TensorRTUnavailableError`, and the ONNX artifacts stay usable without it. The
+import check, engine loading and the errors are the core's
+(`xmag.tensorrt_runtime`), and the parity check runs the engine with the
+runtime the service uses (`xmag.inference.TensorRTTileEncoder`). The
 file-name helpers and `compare_embeddings` are pure and work everywhere.
 
 Engine file names
@@ -32,41 +35,23 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
-import torch
 
 from export.triton_config import EMBEDDING_OUTPUT, TILE_SIZE_PX, TILES_INPUT
-from xmag.errors import XmagError
+from xmag.inference import TensorRTTileEncoder
+from xmag.tensorrt_runtime import (  # noqa: F401 - TensorRTUnavailableError is part of this module's interface
+    TensorRTEngineError,
+    TensorRTUnavailableError,
+    import_tensorrt,
+    require_cuda_gpu,
+)
 
 logger = logging.getLogger(__name__)
-
-# The precision API used below (BuilderFlag.FP16, per-layer precision,
-# OBEY_PRECISION_CONSTRAINTS) is TensorRT 10's; TensorRT 11 removed it in favour
-# of strongly typed networks.
-SUPPORTED_TENSORRT_MAJOR = 10
 
 _ENGINE_FILENAME = re.compile(
     r"model\.sm(?P<major>[1-9][0-9]*)(?P<minor>[0-9])"
     r"\.trt(?P<version>[0-9]+\.[0-9]+\.[0-9]+)\.plan"
 )
 _TENSORRT_VERSION = re.compile(r"[0-9]+(\.[0-9]+){2,3}")
-
-_INSTALL_HINT = (
-    "Building or checking TensorRT FP16 engines needs an NVIDIA GPU with its CUDA "
-    "runtime and the TensorRT 10 Python package: on a GPU machine run "
-    "`pip install \"tensorrt>=10,<11\"` (plain `pip install tensorrt` now brings "
-    "TensorRT 11, which this build path does not support), or work inside NVIDIA's "
-    "TensorRT or Triton Inference Server container. The ONNX artifacts do not need "
-    "TensorRT: onnxruntime serves them as they are."
-)
-
-
-class TensorRTUnavailableError(XmagError):
-    """TensorRT (or the GPU it needs) is not available on this machine."""
-
-
-class TensorRTEngineError(XmagError):
-    """TensorRT rejected the ONNX model, failed to build it, or cannot run an engine file."""
-
 
 def engine_filename(compute_capability: tuple[int, int], tensorrt_version: str) -> str:
     """The engine file name for a GPU compute capability and a TensorRT version.
@@ -126,8 +111,8 @@ def build_tensorrt_engine(
     softmax and the reductions, powers and exponentials they are made of) are kept
     in FP32. The file goes to `output_dir` under `engine_filename(...)`.
     """
-    trt = _import_tensorrt()
-    compute_capability = _require_cuda_gpu()
+    trt = import_tensorrt()
+    compute_capability = require_cuda_gpu()
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"ONNX model not found: {onnx_path}")
@@ -211,8 +196,7 @@ def check_engine_parity(
     `xmag.model_repo.Parity`. An odd batch size (7) catches engines that are only
     right at the sizes they were tuned for.
     """
-    trt = _import_tensorrt()
-    _require_cuda_gpu()
+    require_tensorrt()  # a missing TensorRT is the first thing to say, before any file problem
     import onnxruntime  # Only this check needs it; imported here to keep module import light.
 
     plan_path, onnx_path = Path(plan_path), Path(onnx_path)
@@ -222,24 +206,23 @@ def check_engine_parity(
     if not batch_sizes or not all(_is_int(size) and size >= 1 for size in batch_sizes):
         raise ValueError(f"batch_sizes must be positive integers, got {list(batch_sizes)}")
 
-    engine = _load_engine(trt, plan_path)
-    min_shape, _, max_shape = engine.get_tensor_profile_shape(TILES_INPUT, 0)
-    outside = [size for size in batch_sizes if not min_shape[0] <= size <= max_shape[0]]
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    embed_dim = session.get_outputs()[0].shape[-1]
+    # The same runner the service uses, so the check covers the code that serves the engine.
+    engine = TensorRTTileEncoder(plan_path, TILE_SIZE_PX, embed_dim, input_name=TILES_INPUT, output_name=EMBEDDING_OUTPUT)
+    outside = [size for size in batch_sizes if not engine.min_batch_size <= size <= engine.max_batch_size]
     if outside:
         raise ValueError(
             f"batch sizes {outside} are outside the engine's profile "
-            f"({min_shape[0]} to {max_shape[0]} tiles)"
+            f"({engine.min_batch_size} to {engine.max_batch_size} tiles)"
         )
-    context = engine.create_execution_context()
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
 
     rng = np.random.default_rng(seed)
     results = []
     for batch_size in batch_sizes:
         tiles = rng.integers(0, 256, size=_tiles_shape(batch_size), dtype=np.uint8)
         (expected,) = session.run([EMBEDDING_OUTPUT], {TILES_INPUT: tiles})
-        actual = _run_engine(trt, engine, context, tiles)
-        results.append(compare_embeddings(actual, expected))
+        results.append(compare_embeddings(engine.encode(tiles), expected))
     return {
         "max_abs_error": max(result["max_abs_error"] for result in results),
         "min_cosine": min(result["min_cosine"] for result in results),
@@ -269,36 +252,8 @@ def require_tensorrt() -> None:
 
     Callers check this before expensive work that ends in an engine build.
     """
-    _import_tensorrt()
-    _require_cuda_gpu()
-
-
-def _import_tensorrt() -> ModuleType:
-    try:
-        import tensorrt
-    except (ImportError, OSError) as error:
-        # OSError: the Python package is there but its CUDA libraries cannot be loaded.
-        raise TensorRTUnavailableError(
-            f"TensorRT cannot be imported ({error}). {_INSTALL_HINT}"
-        ) from error
-    major = int(tensorrt.__version__.split(".")[0])
-    if major != SUPPORTED_TENSORRT_MAJOR:
-        raise TensorRTUnavailableError(
-            f"TensorRT {tensorrt.__version__} is installed, but this build path uses the "
-            f"TensorRT {SUPPORTED_TENSORRT_MAJOR} precision API. {_INSTALL_HINT}"
-        )
-    return tensorrt
-
-
-def _require_cuda_gpu() -> tuple[int, int]:
-    """The compute capability of the current GPU; raises when torch sees none."""
-    if not torch.cuda.is_available():
-        raise TensorRTUnavailableError(
-            f"TensorRT is installed, but torch {torch.__version__} sees no CUDA GPU "
-            f"(torch CUDA build: {torch.version.cuda or 'none, a CPU-only build'}). "
-            f"{_INSTALL_HINT}"
-        )
-    return torch.cuda.get_device_capability()
+    import_tensorrt()
+    require_cuda_gpu()
 
 
 def _tiles_shape(batch_size: int) -> tuple[int, int, int, int]:
@@ -373,57 +328,6 @@ def _fp32_reason(trt: ModuleType, layer, reduction_outputs: set[str]) -> str | N
         if layer.op in (trt.UnaryOperation.EXP, trt.UnaryOperation.SQRT):
             return "exp or sqrt"
     return None
-
-
-def _load_engine(trt: ModuleType, plan_path: Path):
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
-    if engine is None:
-        here = engine_filename(_require_cuda_gpu(), trt.__version__)
-        raise TensorRTEngineError(
-            f"TensorRT cannot load {plan_path}. An engine runs only on the GPU compute "
-            f"capability and TensorRT version that built it; this machine would build "
-            f"{here}. Rebuild the engine here, or run it where it was built."
-        )
-    return engine
-
-
-def _run_engine(trt: ModuleType, engine, context, tiles: np.ndarray) -> np.ndarray:
-    """The engine's `embedding` for one batch of uint8 tiles, with torch tensors as GPU buffers."""
-    torch_dtypes = {
-        trt.float32: torch.float32,
-        trt.float16: torch.float16,
-        trt.bfloat16: torch.bfloat16,
-        trt.int8: torch.int8,
-        trt.uint8: torch.uint8,
-        trt.int32: torch.int32,
-        trt.int64: torch.int64,
-        trt.bool: torch.bool,
-    }
-    # Our own stream: TensorRT warns that the default stream costs extra synchronisation.
-    stream = torch.cuda.Stream()
-    buffers: dict[str, torch.Tensor] = {}
-    with torch.cuda.stream(stream):
-        if not context.set_input_shape(TILES_INPUT, tiles.shape):
-            raise TensorRTEngineError(f"the engine rejects input shape {tiles.shape}")
-        for index in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(index)
-            if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                if name != TILES_INPUT:
-                    raise TensorRTEngineError(f"unexpected engine input {name!r}")
-                buffer = torch.from_numpy(tiles).to("cuda")
-            else:
-                shape = tuple(context.get_tensor_shape(name))
-                dtype = torch_dtypes[engine.get_tensor_dtype(name)]
-                buffer = torch.empty(shape, dtype=dtype, device="cuda")
-            context.set_tensor_address(name, buffer.data_ptr())
-            buffers[name] = buffer
-        if EMBEDDING_OUTPUT not in buffers:
-            raise TensorRTEngineError(f"the engine has no output {EMBEDDING_OUTPUT!r}")
-        if not context.execute_async_v3(stream.cuda_stream):
-            raise TensorRTEngineError("TensorRT failed to run the engine; its log above says why")
-    stream.synchronize()
-    return buffers[EMBEDDING_OUTPUT].float().cpu().numpy()
 
 
 def _is_int(value: object) -> bool:

@@ -91,13 +91,10 @@ def classify_demo_slide(base_url: str, slide_path: Path, output_dir: Path, say: 
 
 def run_demo(output_dir: Path, say: Callable[[str], None], ready_timeout_s: float = 600) -> list[Path]:
     """Generate the demo slide, serve the demo repository, classify the slide over REST; returns the files written."""
-    from export.demo import DEMO_REPOSITORY
     from xmag.demo import ensure_demo_slide
 
     slide = ensure_demo_slide(output_dir / "demo")
     say(f"demo slide: {slide.path} (generated; 20x, one planted lesion)")
-    if not DEMO_REPOSITORY.exists():
-        say(f"the service builds the demo model repository in {DEMO_REPOSITORY} on its first start (~30 s)")
     # The child's working directory is ours, so the demo repository lands in the same place.
     with serving(slide.path.parent.resolve(), free_loopback_port(), ready_timeout_s, say) as base_url:
         return classify_demo_slide(base_url, slide.path.resolve(), output_dir, say)

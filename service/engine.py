@@ -142,8 +142,15 @@ class Engine:
         self.metrics = metrics or ServiceMetrics()
         self.spec = TilingSpec(target_mpp=model.target_mpp, tile_size_px=model.tile_size_px)
         self.guard = SlidePathGuard(settings.slide_roots)
+        # A TensorRT engine takes batches only up to its optimisation profile's maximum.
+        max_batch_size = min(settings.max_batch_size, getattr(encoder, "max_batch_size", None) or settings.max_batch_size)
+        if settings.read_batch_size > max_batch_size:
+            raise ValueError(
+                f"read_batch_size {settings.read_batch_size} exceeds the {max_batch_size} tiles the encoder "
+                f"({encoder.description}) takes at once"
+            )
         self.scheduler = BatchScheduler(
-            encoder, settings.max_batch_size, settings.max_batch_wait_ms / 1000, on_batch=self._record_batch
+            encoder, max_batch_size, settings.max_batch_wait_ms / 1000, on_batch=self._record_batch
         )
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=settings.max_concurrent_slides, thread_name_prefix="xmag-slide"

@@ -188,16 +188,7 @@ def create_app(settings: ServiceSettings, engine_factory: EngineFactory = Engine
         )
         return JSONResponse({"error": {"code": "invalid_request", "message": problems}}, status_code=422)
 
-    @app.middleware("http")
-    async def _count_requests(request: Request, call_next):
-        # The route's template, not the URL: bounded label values, and no slide or result ids in metrics.
-        try:
-            response = await call_next(request)
-        except Exception:
-            metrics.requests.labels("rest", getattr(request.scope.get("route"), "path", "unmatched"), "500").inc()
-            raise
-        metrics.requests.labels("rest", getattr(request.scope.get("route"), "path", "unmatched"), str(response.status_code)).inc()
-        return response
+    app.add_middleware(_RequestCounter, metrics=metrics)
 
     @app.get("/healthz", response_model=schemas.HealthResponse, tags=["operations"])
     def healthz() -> schemas.HealthResponse:
@@ -274,6 +265,33 @@ def create_app(settings: ServiceSettings, engine_factory: EngineFactory = Engine
 
 class _Unauthorised(Exception):
     pass
+
+
+class _RequestCounter:
+    """Counts every answer by route template and status (plain ASGI: BaseHTTPMiddleware would hide disconnects)."""
+
+    def __init__(self, app, metrics: ServiceMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_and_note_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            # The route's template, not the URL: bounded label values, and no slide or result ids in metrics.
+            endpoint = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels("rest", endpoint, str(status)).inc()
 
 
 def _model_info(model) -> schemas.ModelInfo:

@@ -349,6 +349,22 @@ def test_a_slow_slide_times_out_with_504_and_frees_its_place(lesion_model):
         assert metric_value(text, "xmag_slides_total", 'outcome="timeout"') == 1
 
 
+def test_a_client_that_goes_away_cancels_its_slide(lesion_model):
+    app, held = held_service_app(lesion_model, max_concurrent_slides=1)
+    with running_service(app) as base_url:
+        held.gate.clear()
+        held.entered.clear()
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base_url}/v1/classify", json={"slide_path": str(lesion_model.normal_slide.path)}, timeout=1.0)
+        deadline = time.monotonic() + 15
+        while metric_value(httpx.get(f"{base_url}/metrics").text, "xmag_slides_total", 'outcome="cancelled"') < 1:
+            assert time.monotonic() < deadline, "the abandoned slide was not cancelled"
+            time.sleep(0.1)
+        held.gate.set()
+        text = httpx.get(f"{base_url}/metrics").text
+        assert metric_value(text, "xmag_inflight_slides") == 0 and metric_value(text, "xmag_queue_depth") == 0
+
+
 def test_not_ready_while_loading_is_503_with_retry_after(lesion_model):
     release = threading.Event()
     repository = load_model_repository(lesion_model.repository)
@@ -472,3 +488,16 @@ def test_schemathesis_finds_no_server_error(service):
     )
     print(completed.stdout[-3000:])
     assert completed.returncode == 0, completed.stdout[-6000:] + completed.stderr[-2000:]
+
+
+def test_serve_refuses_bad_flags_clearly(tmp_path):
+    from typer.testing import CliRunner
+
+    from xmag.cli import app
+
+    missing_root = CliRunner().invoke(app, ["serve", "--slide-root", str(tmp_path / "absent"), "--model-repo", str(tmp_path)])
+    assert missing_root.exit_code == 2 and "do not exist or are not directories" in missing_root.output
+    bad_batch = CliRunner().invoke(app, ["serve", "--max-batch-size", "4", "--read-batch-size", "8"])
+    assert bad_batch.exit_code == 2 and "must not exceed max_batch_size" in bad_batch.output
+    bad_backend = CliRunner().invoke(app, ["serve", "--encoder-backend", "magic"])
+    assert bad_backend.exit_code == 2 and "encoder_backend" in bad_backend.output

@@ -212,7 +212,7 @@ def classify(
                 backend=backend,
                 batch_size=batch_size,
                 fallback_mpp=fallback_mpp,
-                progress=lambda done, total: _advance(bar, done, total),
+                on_event=lambda event: _advance(bar, event.tiles_done, event.tiles_total),
             )
         _print_result(result)
         written = _write_result(result, output_dir, Path(slide_path).stem, provenance)
@@ -261,6 +261,94 @@ def _runtimes_from_checkpoint(weights: Path, weights_format: str, encoder_config
     }
     heads = TorchSlideHeads(stored_heads if stored_heads is not None else demo_heads(encoder.embed_dim))
     return encoder, heads, provenance
+
+
+@app.command()
+def demo(
+    output_dir: Path = typer.Option(Path("out"), "--out", help="Where to write the demo slide, heatmaps, GeoJSON and result."),
+) -> None:
+    """The main job: start the service on the demo repository, classify the demo slide via POST /v1/classify."""
+    from service.demo import run_demo
+
+    try:
+        written = run_demo(output_dir, typer.echo)
+    except (XmagError, OSError) as error:
+        _fail(error)
+    for path in written:
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+def serve(
+    model_repo: Optional[Path] = typer.Option(None, help="Verified model repository; default: the demo repository. [env XMAG_MODEL_REPO]"),
+    slide_root: Optional[list[Path]] = typer.Option(
+        None, "--slide-root", help="Directory slides may be read from (repeatable); default: out/demo. [env XMAG_SLIDE_ROOTS, comma-separated]"
+    ),
+    host: Optional[str] = typer.Option(None, help="Address to listen on; default 127.0.0.1 (loopback). [env XMAG_HOST]"),
+    port: Optional[int] = typer.Option(None, help="REST port; default 8000. [env XMAG_PORT]"),
+    reader_backend: Optional[str] = typer.Option(None, help="Slide reader: openslide or cucim. [env XMAG_READER_BACKEND]"),
+    encoder_backend: Optional[str] = typer.Option(None, help="auto (fastest correct, measured at start), torch, onnxruntime or tensorrt. [env XMAG_ENCODER_BACKEND]"),
+    precision: Optional[str] = typer.Option(None, help="auto, fp32, bf16, fp16 or int8. [env XMAG_PRECISION]"),
+    max_batch_size: Optional[int] = typer.Option(None, help="Most tiles per encoder batch, across slides; default 64."),
+    read_batch_size: Optional[int] = typer.Option(None, help="Tiles a slide hands the encoder at a time; default 16."),
+    max_batch_wait_ms: Optional[float] = typer.Option(None, help="How long a partial batch waits for more tiles; default 5."),
+    reader_threads: Optional[int] = typer.Option(None, help="Decoding threads per slide; default 2."),
+    max_concurrent_slides: Optional[int] = typer.Option(None, help="Slides processed at once; default 4."),
+    max_queued_slides: Optional[int] = typer.Option(None, help="Slides that may wait beyond those (more get 429); default 32."),
+    max_tiles_per_slide: Optional[int] = typer.Option(None, help="Larger slides get 413; default 20000."),
+    request_timeout_s: Optional[float] = typer.Option(None, help="Longest a slide may take, queueing included; default 600."),
+    result_cache_size: Optional[int] = typer.Option(None, help="Recent results whose heatmaps can be fetched; default 32."),
+    api_key: Optional[list[str]] = typer.Option(
+        None, "--api-key", help="Require 'Authorization: Bearer <key>' (repeatable). Prefer XMAG_API_KEYS, which ps does not show."
+    ),
+    log_level: Optional[str] = typer.Option(None, help="debug, info, warning or error. [env XMAG_LOG_LEVEL]"),
+) -> None:
+    """Serve POST /v1/classify (REST) with the batched engine; every flag has an XMAG_* environment variable."""
+    import logging
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.rest import create_app
+    from service.settings import ServiceSettings
+
+    given = {
+        "model_repo": model_repo, "slide_roots": slide_root or None, "host": host, "port": port,
+        "reader_backend": reader_backend, "encoder_backend": encoder_backend, "precision": precision,
+        "max_batch_size": max_batch_size, "read_batch_size": read_batch_size, "max_batch_wait_ms": max_batch_wait_ms,
+        "reader_threads": reader_threads, "max_concurrent_slides": max_concurrent_slides,
+        "max_queued_slides": max_queued_slides, "max_tiles_per_slide": max_tiles_per_slide,
+        "request_timeout_s": request_timeout_s, "result_cache_size": result_cache_size,
+        "api_keys": api_key or None, "log_level": log_level,
+    }
+    try:
+        settings = ServiceSettings(**{name: value for name, value in given.items() if value is not None})
+    except ValidationError as error:
+        _fail(ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())))
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.model_repo is None:
+        from export.demo import DEMO_REPOSITORY
+        from xmag.demo import ensure_demo_slide
+        from service.settings import DEMO_SLIDE_ROOT
+
+        if DEMO_SLIDE_ROOT in settings.slide_roots and not (DEMO_SLIDE_ROOT / "demo_slide.svs").exists():
+            ensure_demo_slide(DEMO_SLIDE_ROOT)
+        if not DEMO_REPOSITORY.exists():
+            typer.echo(f"building the demo model repository in {DEMO_REPOSITORY} (first run only, ~30 s)")
+    missing = [str(root) for root in settings.slide_roots if not root.is_dir()]
+    if missing:
+        _fail(ValueError(f"slide root(s) {missing} do not exist or are not directories"))
+    typer.echo(
+        f"serving on http://{settings.host}:{settings.port} (slide roots: {', '.join(map(str, settings.slide_roots))}; "
+        f"API keys: {'required' if settings.api_keys else 'none'}); GET /readyz turns 200 once the model is warm"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.request_timeout_s),
+    )
 
 
 @app.command("import-weights")

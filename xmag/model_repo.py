@@ -1,12 +1,17 @@
 """The model repository's manifest: its schema, its verification, and the choice of artifact.
 
-`export/` writes a repository in NVIDIA Triton's layout plus `manifest.json`;
-the service calls `load_model_repository` before it serves anything. Loading
+`export/` writes a repository in NVIDIA Triton's layout plus `manifest.json`
+and the encoder's torch weights (a safetensors file at the repository root,
+where Triton, which loads every subdirectory as a model, does not look); the
+service calls `load_model_repository` before it serves anything. Loading
 checks every file against its sha256 and refuses a repository that lacks a
 file, has a changed one, or whose manifest describes another model.
-`choose_encoder_artifact` then picks the best artifact for the hardware:
-a TensorRT plan for this GPU > ONNX on onnxruntime's TensorRT or CUDA
-providers > ONNX on the CPU (int8 if its parity passed) > torch.
+
+`choose_encoder_artifact` names the artifact that would run without measuring
+anything, by a fixed order: a TensorRT plan for this GPU > ONNX on
+onnxruntime's TensorRT or CUDA providers > ONNX on the CPU (int8 if its parity
+passed) > the torch weights. The runtime itself is chosen by measuring
+(`xmag.inference.select_encoder_runtime`).
 """
 
 from __future__ import annotations
@@ -49,10 +54,12 @@ class Parity(_Strict):
 
 
 class Artifact(_Strict):
-    name: str  # Triton model name, i.e. the directory under the repository root
+    # Triton model name, i.e. the directory under the repository root; torch weights are
+    # not a Triton model: their file lies at the root, named after the artifact.
+    name: str
     role: Literal["encoder", "head"]
     task: str | None = None  # heads only
-    runtime: Literal["onnxruntime", "tensorrt"]
+    runtime: Literal["onnxruntime", "tensorrt", "torch"]
     precision: Literal["fp32", "fp16", "int8"]
     files: list[FileRecord]
     parity: Parity | None = None
@@ -113,7 +120,7 @@ class ModelRepository:
     manifest: Manifest
 
     def path_of(self, artifact: Artifact, suffix: str) -> Path:
-        """The artifact's file whose name ends with `suffix` (e.g. '.onnx', '.plan')."""
+        """The artifact's file whose name ends with `suffix` (e.g. '.onnx', '.plan', '.safetensors')."""
         for record in artifact.files:
             if record.path.endswith(suffix):
                 return self.root / record.path
@@ -132,8 +139,9 @@ def load_model_repository(root: str | Path, expected_model_name: str | None = No
     """Read and verify a repository; raise ModelRepositoryError naming what is wrong.
 
     Every file listed in the manifest must exist under `root` with its
-    recorded size and sha256, every artifact directory must be named for the
-    manifest's model, and, when given, the model must be `expected_model_name`.
+    recorded size and sha256, every artifact must be named for the manifest's
+    model, torch weights must lie at the root (Triton would take a directory
+    for a model), and, when given, the model must be `expected_model_name`.
     """
     root = Path(root)
     manifest_path = root / MANIFEST_FILE
@@ -158,6 +166,11 @@ def load_model_repository(root: str | Path, expected_model_name: str | None = No
             raise ModelRepositoryError(
                 f"{manifest_path} describes model {manifest.model_name!r} but lists artifact {artifact.name!r}: "
                 "the manifest belongs to another model"
+            )
+        if artifact.runtime == "torch" and any("/" in record.path for record in artifact.files):
+            raise ModelRepositoryError(
+                f"{manifest_path} puts the torch weights {artifact.name!r} in a subdirectory; they belong at the "
+                "repository root, because NVIDIA Triton loads every subdirectory as a model"
             )
         for record in artifact.files:
             _verify_file(root, record)
@@ -215,31 +228,49 @@ def detect_hardware() -> Hardware:
     return Hardware(compute_capability, tensorrt_version, providers)
 
 
+def plan_runs_on(plan: Artifact, hardware: Hardware) -> bool:
+    """Whether a TensorRT plan loads on `hardware`: the GPU's compute capability and the TensorRT
+    release (X.Y.Z; the build number of tensorrt.__version__ is left out, as in engine file names)
+    must be the ones that built it."""
+    return (
+        plan.runtime == "tensorrt"
+        and hardware.cuda_compute_capability is not None
+        and hardware.cuda_compute_capability == plan.compute_capability
+        and hardware.tensorrt_version is not None
+        and plan.tensorrt_version is not None
+        and hardware.tensorrt_version.split(".")[:3] == plan.tensorrt_version.split(".")[:3]
+    )
+
+
+def onnxruntime_gpu_providers(hardware: Hardware) -> tuple[str, ...]:
+    """onnxruntime's GPU execution providers present on `hardware`, in preference order; () without a GPU."""
+    if hardware.cuda_compute_capability is None:
+        return ()
+    return tuple(p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in hardware.onnxruntime_providers)
+
+
 @dataclass(frozen=True)
 class EncoderChoice:
-    artifact: Artifact | None  # None: torch, from the source checkpoint
+    # The torch choice's artifact is the repository's torch weights; None only for a repository
+    # exported before they were added, which torch can run only from the source checkpoint.
+    artifact: Artifact | None
     runtime: Literal["tensorrt", "onnxruntime", "torch"]
     providers: tuple[str, ...] = ()  # onnxruntime execution providers, in preference order
 
 
 def choose_encoder_artifact(repository: ModelRepository, hardware: Hardware) -> EncoderChoice:
-    """The best usable encoder artifact for `hardware` (order in the module docstring)."""
+    """The best usable encoder artifact for `hardware` by the fixed order of the module docstring."""
     encoders = [a for a in repository.manifest.artifacts if a.role == "encoder" and a.usable]
     for artifact in encoders:
-        if (
-            artifact.runtime == "tensorrt"
-            and hardware.cuda_compute_capability == artifact.compute_capability
-            and hardware.tensorrt_version == artifact.tensorrt_version
-        ):
+        if plan_runs_on(artifact, hardware):
             return EncoderChoice(artifact, "tensorrt")
     onnx_fp32 = [a for a in encoders if a.runtime == "onnxruntime" and a.precision == "fp32"]
-    gpu_providers = tuple(
-        p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in hardware.onnxruntime_providers
-    )
-    if onnx_fp32 and gpu_providers and hardware.cuda_compute_capability:
+    gpu_providers = onnxruntime_gpu_providers(hardware)
+    if onnx_fp32 and gpu_providers:
         return EncoderChoice(onnx_fp32[0], "onnxruntime", gpu_providers + ("CPUExecutionProvider",))
     if "CPUExecutionProvider" in hardware.onnxruntime_providers:
         onnx_cpu = [a for a in encoders if a.runtime == "onnxruntime" and a.precision == "int8"] + onnx_fp32
         if onnx_cpu:
             return EncoderChoice(onnx_cpu[0], "onnxruntime", ("CPUExecutionProvider",))
-    return EncoderChoice(None, "torch")
+    torch_weights = [a for a in encoders if a.runtime == "torch"]
+    return EncoderChoice(torch_weights[0] if torch_weights else None, "torch")
