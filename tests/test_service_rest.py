@@ -473,7 +473,7 @@ def test_openapi_schema_describes_the_api(service):
     assert json.dumps(classify_operation["responses"]["422"]).count("ErrorResponse") == 1
 
 
-def test_schemathesis_finds_no_server_error(service):
+def test_schemathesis_finds_no_server_error(service, tmp_path):
     """Property-based requests generated from the OpenAPI schema; bounded in examples and time."""
     completed = subprocess.run(
         [
@@ -485,6 +485,7 @@ def test_schemathesis_finds_no_server_error(service):
             "--phases", "examples,fuzzing", "--no-color",
         ],
         capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,  # schemathesis keeps a cache in its working directory
     )
     print(completed.stdout[-3000:])
     assert completed.returncode == 0, completed.stdout[-6000:] + completed.stderr[-2000:]
