@@ -398,25 +398,39 @@ def export_command(
 
 
 @app.command("verify-repo")
-def verify_repo(repo: Path = typer.Argument(..., help="Model repository directory.")) -> None:
-    """Check every file of a model repository against its manifest and show what would run here."""
-    from xmag.model_repo import choose_encoder_artifact, detect_hardware, load_model_repository
+def verify_repo(
+    repo: Path = typer.Argument(..., help="Model repository directory."),
+    measure: bool = typer.Option(True, help="Run every encoder backend this machine has on a probe batch, as `xmag serve` does."),
+) -> None:
+    """Check every file of a model repository against its manifest and show which encoder backend would run here."""
+    from xmag.inference import select_encoder_runtime
+    from xmag.model_repo import load_model_repository
 
     try:
         repository = load_model_repository(repo)
+        _print_manifest(repo, repository.manifest)
+        if not measure:
+            typer.echo("verified")
+            return
+        selection = select_encoder_runtime(repository)
     except XmagError as error:
         _fail(error)
-    _print_manifest(repo, repository.manifest)
-    choice = choose_encoder_artifact(repository, detect_hardware())
-    chosen = choice.artifact.name if choice.artifact else "the source checkpoint"
-    typer.echo(f"verified; on this machine the encoder would run {chosen} on {choice.runtime} {list(choice.providers)}")
+    typer.echo("verified; encoder backends measured on this machine (the service chooses the same way):")
+    for measured in selection.measurements:
+        speed = f"{measured.tiles_per_s:.1f} tiles/s" if measured.tiles_per_s is not None else "not run"
+        cosine = f", cosine {measured.min_cosine_vs_torch_fp32:.5f}" if measured.min_cosine_vs_torch_fp32 is not None else ""
+        note = f" ({measured.note})" if measured.note else ""
+        typer.echo(f"  {'*' if measured.chosen else ' '} {measured.description}: {speed}{cosine}{note}")
 
 
 def _print_manifest(repo: Path, manifest) -> None:
     typer.echo(f"{repo}: {manifest.model_name} v{manifest.model_version}, {manifest.provenance.kind} weights")
     for artifact in manifest.artifacts:
         parity = artifact.parity
-        measured = f"max abs {parity.max_abs_error:.2g}, min cosine {parity.min_cosine:.6f}" if parity else "no parity"
+        if parity:
+            measured = f"max abs {parity.max_abs_error:.2g}, min cosine {parity.min_cosine:.6f}"
+        else:
+            measured = "the reference" if artifact.runtime == "torch" else "no parity"
         typer.echo(
             f"  {artifact.name}: {artifact.role}{' ' + artifact.task if artifact.task else ''}, {artifact.runtime} "
             f"{artifact.precision}, {measured}{'' if artifact.usable else ' (NOT USABLE: parity below bound)'}"
