@@ -182,7 +182,14 @@ class Engine:
             repository = load_model_repository(ensure_demo_repository(DEMO_REPOSITORY))
         else:
             repository = load_model_repository(settings.model_repo)
-        selection = select_encoder_runtime(repository, settings.encoder_backend, settings.precision)
+        # A GPU is measured at a serving-size batch (small batches rank GPU backends unfairly); a CPU at 4
+        # tiles, which ranked the CPU backends as batch 16 does and keeps start-up to seconds.
+        import torch
+
+        probe_batch_size = min(64, settings.max_batch_size) if torch.cuda.is_available() else 4
+        selection = select_encoder_runtime(
+            repository, settings.encoder_backend, settings.precision, probe_batch_size=probe_batch_size
+        )
         measurements = [dataclasses.asdict(m) for m in selection.measurements]
         model = ModelDescription.of_repository(repository, selection.runtime.description, measurements)
         return cls(settings, selection.runtime, heads_from_repository(repository), model, metrics)
@@ -249,7 +256,9 @@ class Engine:
         with self._lock:
             pending = [job.future for job in self._jobs]
         _, not_done = concurrent.futures.wait(pending, timeout=drain_timeout_s)
-        for job in list(self._jobs):
+        with self._lock:
+            unfinished = list(self._jobs)
+        for job in unfinished:
             self._stop(job, NotReadyError("the service shut down before the slide finished"))
         self._pool.shutdown(wait=True)
         self.scheduler.stop()
