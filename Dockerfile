@@ -1,4 +1,4 @@
-# Single-box CPU image of the REST service on the demo model (built at first start).
+# Single-box CPU image of the service (REST :8000, gRPC :50051) on the demo model (built at first start).
 # The CUDA base image with TensorRT, onnxruntime-gpu and cuCIM arrives with issue 7.
 FROM python:3.11-slim AS runtime
 
@@ -21,7 +21,7 @@ RUN pip install . \
 USER xmag
 # The demo model repository is built here (model_repo/demo) on the first start.
 WORKDIR /srv/xmag
-EXPOSE 8000
+EXPOSE 8000 50051
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
 ENTRYPOINT ["xmag"]

@@ -359,3 +359,19 @@ class Engine:
         recent = self._recent_slide_s
         typical = sorted(recent)[len(recent) // 2] if recent else 10.0
         return max(1, int(round(typical)))
+
+
+class EngineHolder:
+    """The engine once loaded, or why it is not (yet); shared by the faces, which start before it is ready."""
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self.failure: str | None = None
+
+    def require(self) -> Engine:
+        """The ready engine, or NotReadyError saying why there is none."""
+        if self.engine is not None and self.engine.ready:
+            return self.engine
+        if self.failure:
+            raise NotReadyError(f"the model failed to load: {self.failure}", retry_after_s=60)
+        raise NotReadyError("the model is still loading or warming up")

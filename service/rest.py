@@ -21,7 +21,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import schemas
-from service.engine import Engine, EngineResult
+from service.engine import Engine, EngineHolder, EngineResult
 from service.errors import (
     InvalidRequestError,
     NotReadyError,
@@ -97,25 +97,10 @@ def error_response(error: BaseException) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-class _EngineHolder:
-    """The engine once loaded, or why it is not (yet)."""
-
-    def __init__(self) -> None:
-        self.engine: Engine | None = None
-        self.failure: str | None = None
-
-    def require(self) -> Engine:
-        if self.engine is not None and self.engine.ready:
-            return self.engine
-        if self.failure:
-            raise NotReadyError(f"the model failed to load: {self.failure}", retry_after_s=60)
-        raise NotReadyError("the model is still loading or warming up")
-
-
 def create_app(settings: ServiceSettings, engine_factory: EngineFactory = Engine.from_settings) -> FastAPI:
     """The REST application; the engine is built by `engine_factory` on a background thread at start-up."""
     metrics = ServiceMetrics()
-    holder = _EngineHolder()
+    holder = EngineHolder()
     store = ResultStore(settings.result_cache_size)
 
     def load() -> None:
@@ -129,13 +114,24 @@ def create_app(settings: ServiceSettings, engine_factory: EngineFactory = Engine
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        # This lifespan is the process's: it loads the engine once and hosts the gRPC face beside REST.
+        grpc_face = None
+        if settings.grpc:
+            from service.grpc_face import start_grpc_face
+
+            grpc_face = await start_grpc_face(holder, settings, metrics)
+            app.state.grpc_port = grpc_face.port
         loader = threading.Thread(target=load, name="xmag-model-loader", daemon=True)
         loader.start()
-        yield
-        await asyncio.to_thread(loader.join)
-        if holder.engine is not None:
-            # uvicorn has already waited for open requests; this stops the worker threads.
-            await asyncio.to_thread(holder.engine.close, settings.request_timeout_s)
+        try:
+            yield
+        finally:
+            if grpc_face is not None:
+                await grpc_face.stop(grace_s=settings.request_timeout_s)
+            await asyncio.to_thread(loader.join)
+            if holder.engine is not None:
+                # uvicorn has already waited for open requests; this stops the worker threads.
+                await asyncio.to_thread(holder.engine.close, settings.request_timeout_s)
 
     app = FastAPI(
         title="XMAG slide classification",
@@ -145,6 +141,7 @@ def create_app(settings: ServiceSettings, engine_factory: EngineFactory = Engine
     )
     app.state.metrics = metrics
     app.state.engine_holder = holder
+    app.state.grpc_port = None  # set at start-up when gRPC is served
 
     bearer = HTTPBearer(auto_error=False, description="An API key, when the service is configured with any.")
 

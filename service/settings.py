@@ -27,6 +27,12 @@ class ServiceSettings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc: bool = Field(True, description="Serve the gRPC API beside REST.")
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    grpc_max_receive_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest gRPC request message.")
+    grpc_max_send_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest gRPC response (attention of ~20,000 tiles is ~0.5 MB)."
+    )
 
     reader_backend: Literal["openslide", "cucim"] = "openslide"
     encoder_backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = "auto"

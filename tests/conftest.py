@@ -61,3 +61,11 @@ def backend(request):
     if request.param == "cucim":
         require_cucim()
     return request.param
+
+
+@pytest.fixture(scope="session")
+def lesion_model(tmp_path_factory):
+    """A model repository with a lesion head trained on generated slides, and held-out slides (~25 s, once)."""
+    from service_support import build_lesion_model
+
+    return build_lesion_model(tmp_path_factory.mktemp("lesion_model"))

@@ -23,8 +23,19 @@ from xmag.slide.synthetic import SyntheticSlide, make_synthetic_slide
 from xmag.slide.tiling import XMAG_5X, TileGrid, iter_tile_batches, plan_tile_grid
 from xmag.slide.tissue import tissue_mask_for_slide
 
+from service.engine import Engine, ModelDescription
+from service.rest import create_app
+from service.settings import ServiceSettings
+from xmag.inference import heads_from_repository, select_encoder_runtime
+from xmag.model_repo import load_model_repository
+
 LESION_TASK = "lesion"
 LESION_CLASSES = ["normal", "lesion"]
+
+
+def service_settings(**values) -> ServiceSettings:
+    """Settings for a test service: gRPC on a free port unless told otherwise, so services never collide."""
+    return ServiceSettings(**{"grpc_port": 0, **values})
 
 
 @contextlib.contextmanager
@@ -159,3 +170,32 @@ def build_lesion_model(directory: Path) -> LesionModel:
     repository = directory / "repo"
     export_model_repository(checkpoint, repository, model_name="tiny_lesion")
     return LesionModel(repository, slides_dir, slide("held_out_lesion", 22, 2), slide("held_out_normal", 24, 0, 12_000, 9_000))
+
+
+class HeldEncoder:
+    """Wraps a real encoder runtime; `encode` waits while the gate is closed, so tests can fill the queue."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.description, self.tile_size_px, self.embed_dim = encoder.description, encoder.tile_size_px, encoder.embed_dim
+
+    def encode(self, tiles):
+        self.entered.set()
+        self.gate.wait(timeout=60)
+        return self.encoder.encode(tiles)
+
+
+def held_service_app(lesion_model, **settings_overrides):
+    """An app whose engine has a held encoder; returns (app, held encoder). The gate starts open for warm-up."""
+    repository = load_model_repository(lesion_model.repository)
+    held = HeldEncoder(select_encoder_runtime(repository, "onnxruntime", "fp32").runtime)
+    held.gate.set()
+
+    def factory(settings, metrics):
+        model = ModelDescription.of_repository(repository, held.description, [])
+        return Engine(settings, held, heads_from_repository(repository), model, metrics)
+
+    settings = service_settings(model_repo=lesion_model.repository, slide_roots=[lesion_model.slides_dir], **settings_overrides)
+    return create_app(settings, factory), held

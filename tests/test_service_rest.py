@@ -18,19 +18,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.engine import Engine, ModelDescription
+from service.engine import Engine
 from service.rest import create_app
 from service.settings import ServiceSettings
 from service_support import (
     LESION_TASK,
-    build_lesion_model,
     metric_value,
     running_service,
+    held_service_app,
+    service_settings,
     tile_lesion_fractions,
     wait_until_ready,
 )
 from test_errors import damage_tiles
-from xmag.inference import heads_from_repository, select_encoder_runtime
 from xmag.model_repo import load_model_repository
 from xmag.slide.synthetic import make_synthetic_slide
 
@@ -38,14 +38,9 @@ API_KEY = "test-key-0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
-def lesion_model(tmp_path_factory):
-    return build_lesion_model(tmp_path_factory.mktemp("lesion_model"))
-
-
-@pytest.fixture(scope="module")
 def service(lesion_model):
     """The service as `xmag serve` builds it: repository verified, backend chosen by measuring."""
-    settings = ServiceSettings(
+    settings = service_settings(
         model_repo=lesion_model.repository, slide_roots=[lesion_model.slides_dir],
         max_batch_size=64, read_batch_size=8, max_batch_wait_ms=20, max_concurrent_slides=8,
     )
@@ -278,35 +273,6 @@ def test_slide_paths_are_not_logged_at_info(service, lesion_model, caplog):
 # -- limits, queueing, shutdown: a service whose encoder we can hold -------
 
 
-class HeldEncoder:
-    """Wraps a real encoder runtime; `encode` waits while the gate is closed, so tests can fill the queue."""
-
-    def __init__(self, encoder):
-        self.encoder = encoder
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-        self.description, self.tile_size_px, self.embed_dim = encoder.description, encoder.tile_size_px, encoder.embed_dim
-
-    def encode(self, tiles):
-        self.entered.set()
-        self.gate.wait(timeout=60)
-        return self.encoder.encode(tiles)
-
-
-def held_service_app(lesion_model, **settings_overrides):
-    """An app whose engine has a held encoder; returns (app, held encoder). The gate starts open for warm-up."""
-    repository = load_model_repository(lesion_model.repository)
-    held = HeldEncoder(select_encoder_runtime(repository, "onnxruntime", "fp32").runtime)
-    held.gate.set()
-
-    def factory(settings, metrics):
-        model = ModelDescription.of_repository(repository, held.description, [])
-        return Engine(settings, held, heads_from_repository(repository), model, metrics)
-
-    settings = ServiceSettings(model_repo=lesion_model.repository, slide_roots=[lesion_model.slides_dir], **settings_overrides)
-    return create_app(settings, factory), held
-
-
 def test_a_full_queue_gets_429_with_retry_after(lesion_model):
     app, held = held_service_app(lesion_model, max_concurrent_slides=1, max_queued_slides=1)
     path = str(lesion_model.normal_slide.path)
@@ -373,7 +339,7 @@ def test_not_ready_while_loading_is_503_with_retry_after(lesion_model):
         release.wait(timeout=60)
         return Engine.from_settings(settings, metrics)
 
-    settings = ServiceSettings(model_repo=repository.root, slide_roots=[lesion_model.slides_dir])
+    settings = service_settings(model_repo=repository.root, slide_roots=[lesion_model.slides_dir])
     with running_service(create_app(settings, slow_factory), wait_ready=False) as base_url:
         assert httpx.get(f"{base_url}/healthz").status_code == 200
         not_ready = httpx.get(f"{base_url}/readyz")
@@ -389,7 +355,7 @@ def test_not_ready_while_loading_is_503_with_retry_after(lesion_model):
 def test_a_broken_repository_is_reported_by_readyz(lesion_model, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
-    settings = ServiceSettings(model_repo=broken, slide_roots=[lesion_model.slides_dir])
+    settings = service_settings(model_repo=broken, slide_roots=[lesion_model.slides_dir])
     with running_service(create_app(settings), wait_ready=False) as base_url:
         deadline = time.monotonic() + 30
         while "failed" not in (detail := httpx.get(f"{base_url}/readyz").json()["detail"]):

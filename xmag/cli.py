@@ -286,6 +286,8 @@ def serve(
     ),
     host: Optional[str] = typer.Option(None, help="Address to listen on; default 127.0.0.1 (loopback). [env XMAG_HOST]"),
     port: Optional[int] = typer.Option(None, help="REST port; default 8000. [env XMAG_PORT]"),
+    grpc: Optional[bool] = typer.Option(None, "--grpc/--no-grpc", help="Serve gRPC beside REST (default). [env XMAG_GRPC]"),
+    grpc_port: Optional[int] = typer.Option(None, help="gRPC port; default 50051. [env XMAG_GRPC_PORT]"),
     reader_backend: Optional[str] = typer.Option(None, help="Slide reader: openslide or cucim. [env XMAG_READER_BACKEND]"),
     encoder_backend: Optional[str] = typer.Option(None, help="auto (fastest correct, measured at start), torch, onnxruntime or tensorrt. [env XMAG_ENCODER_BACKEND]"),
     precision: Optional[str] = typer.Option(None, help="auto, fp32, bf16, fp16 or int8. [env XMAG_PRECISION]"),
@@ -303,7 +305,7 @@ def serve(
     ),
     log_level: Optional[str] = typer.Option(None, help="debug, info, warning or error. [env XMAG_LOG_LEVEL]"),
 ) -> None:
-    """Serve POST /v1/classify (REST) with the batched engine; every flag has an XMAG_* environment variable."""
+    """Serve POST /v1/classify (REST) and xmag.v1.SlideClassifier (gRPC) on one batched engine; flags have XMAG_* variables."""
     import logging
 
     import uvicorn
@@ -314,6 +316,7 @@ def serve(
 
     given = {
         "model_repo": model_repo, "slide_roots": slide_root or None, "host": host, "port": port,
+        "grpc": grpc, "grpc_port": grpc_port,
         "reader_backend": reader_backend, "encoder_backend": encoder_backend, "precision": precision,
         "max_batch_size": max_batch_size, "read_batch_size": read_batch_size, "max_batch_wait_ms": max_batch_wait_ms,
         "reader_threads": reader_threads, "max_concurrent_slides": max_concurrent_slides,
@@ -338,9 +341,11 @@ def serve(
     missing = [str(root) for root in settings.slide_roots if not root.is_dir()]
     if missing:
         _fail(ValueError(f"slide root(s) {missing} do not exist or are not directories"))
+    grpc_note = f", gRPC on {settings.host}:{settings.grpc_port}" if settings.grpc else ""
     typer.echo(
-        f"serving on http://{settings.host}:{settings.port} (slide roots: {', '.join(map(str, settings.slide_roots))}; "
-        f"API keys: {'required' if settings.api_keys else 'none'}); GET /readyz turns 200 once the model is warm"
+        f"serving REST on http://{settings.host}:{settings.port}{grpc_note} (slide roots: "
+        f"{', '.join(map(str, settings.slide_roots))}; API keys: {'required' if settings.api_keys else 'none'}); "
+        "GET /readyz turns 200 once the model is warm"
     )
     uvicorn.run(
         create_app(settings),
@@ -349,6 +354,39 @@ def serve(
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.request_timeout_s),
     )
+
+
+@app.command("lis-client")
+def lis_client(
+    folder: Path = typer.Argument(..., help="Folder of slides (searched recursively)."),
+    target: str = typer.Option("127.0.0.1:50051", help="The service's gRPC address, host:port."),
+    output_dir: Path = typer.Option(Path("results"), "--out", help="Where to write one JSON per slide."),
+    server_folder: Optional[str] = typer.Option(None, help="Where the service sees FOLDER; default: the same path."),
+    api_key: Optional[str] = typer.Option(None, envvar="XMAG_API_KEY", help="API key, sent as 'authorization: Bearer'. [env XMAG_API_KEY]"),
+    task: Optional[list[str]] = typer.Option(None, "--task", help="Task to run (repeatable); default: every task."),
+    return_attention: bool = typer.Option(False, help="Include tile coordinates and attention in each result."),
+    timeout_s: Optional[float] = typer.Option(None, help="Give up on a slide after this many seconds."),
+) -> None:
+    """Stream a folder of slides through gRPC ClassifyMany; write each result (or error) as it arrives.
+
+    Exit status: 0 when every slide was classified, 1 when some failed (their
+    JSON says why), 2 when the stream could not run.
+    """
+    from service.lis_client import classify_folder, find_slides
+
+    try:
+        with tqdm(total=len(find_slides(folder)), unit="slide", desc="classifying", file=sys.stderr, disable=None) as bar:
+            summary = classify_folder(
+                target, folder, output_dir, server_folder=server_folder, api_key=api_key, tasks=task or None,
+                return_attention=return_attention, timeout_s=timeout_s, on_answer=lambda _: bar.update(1),
+            )
+    except (XmagError, OSError) as error:
+        _fail(error)
+    typer.echo(f"{len(summary.classified)} classified, {len(summary.failed)} failed; results in {output_dir}")
+    for correlation_id in summary.failed:
+        typer.echo(f"  failed: {correlation_id}")
+    if summary.failed:
+        raise typer.Exit(code=1)
 
 
 @app.command("import-weights")
