@@ -383,9 +383,11 @@ async def start_grpc_face(holder: EngineHolder, settings: ServiceSettings, metri
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
-    if port == 0:
-        raise OSError(f"cannot listen for gRPC on {settings.host}:{settings.grpc_port}")
+    address = f"{settings.host}:{settings.grpc_port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as error:  # grpc reports a port in use this way
+        raise OSError(f"cannot listen for gRPC on {address} (in use?): pass another --grpc-port, or --no-grpc") from error
     await server.start()
     watcher = asyncio.create_task(_follow_readiness(holder, health_servicer))
     return GrpcFace(server, port, health_servicer, watcher)
