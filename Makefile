@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine (Python >= 3.10 with venv):
 #   make demo   - start the service on the demo model, classify the demo slide via POST /v1/classify
 #   make test   - run the test suite
+#   make bench  - the CPU benchmark table (xmag bench) into out/bench
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 # does need are in the dev extra of pyproject.toml.
 CUCIM_WHEEL := cucim-cu12==26.10.0
 
-.PHONY: demo test clean
+.PHONY: demo test bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	XMAG_REQUIRE_CUCIM=1 $(BIN)/python -m pytest
+
+bench: $(VENV)/.installed
+	$(BIN)/xmag bench --out out/bench
 
 clean:
 	rm -rf $(VENV) out

@@ -389,6 +389,65 @@ def lis_client(
         raise typer.Exit(code=1)
 
 
+@app.command()
+def bench(
+    output_dir: Path = typer.Option(Path("out/bench"), "--out", help="Where to write results.json, results.md and the plots."),
+    slides: int = typer.Option(2, help="Benchmark glasses (each generated once, ~554 tiles at 5x, ~6,260 at 20x)."),
+    configs: str = typer.Option("xmag,naive_xmag,uni2h,phikon", help="Configurations, comma-separated: xmag, naive_xmag, uni2h, phikon."),
+    scan_40x: bool = typer.Option(True, help="Also run XMAG on the same glasses scanned at 40x."),
+    max_tiles: Optional[list[str]] = typer.Option(
+        None, "--max-tiles", help="NAME=N: encode the first N tiles per slide and extrapolate (NAME=all: every tile). "
+        "Defaults without a GPU: uni2h=24, phikon=96, naive_xmag=96; with one: uni2h=2048, naive_xmag=512.",
+    ),
+    batch_size: Optional[int] = typer.Option(None, help="Tiles per encoder batch; default 16 on a CPU, 128 on a GPU."),
+    reader_threads: Optional[int] = typer.Option(None, help="Decoding threads per slide; default: the CPU cores."),
+    backend: str = typer.Option("openslide", help="Slide reader of our pipeline: openslide or cucim."),
+    slides_dir: Path = typer.Option(Path("out/bench_slides"), help="Cache of the generated benchmark slides."),
+    quick: bool = typer.Option(False, help="Tiny models on one small slide: checks the harness in CI, not the speed."),
+) -> None:
+    """Slides per minute of the whole pipeline: XMAG at 5x against UNI2-h and Phikon at 20x, and a naive reference."""
+    import os
+
+    import torch
+
+    from benchmarks.harness import CONFIGS, BenchmarkError, BenchRun, run_benchmark
+    from benchmarks.slides import ensure_benchmark_slides
+
+    names = [name.strip() for name in configs.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(CONFIGS))
+    if unknown:
+        _fail(ValueError(f"unknown configuration(s) {unknown}; choose from {sorted(CONFIGS)}"))
+    gpu = torch.cuda.is_available()
+    limits: dict[str, int | None] = {"uni2h": 2048, "naive_xmag": 512} if gpu else {"uni2h": 24, "phikon": 96, "naive_xmag": 96}
+    if quick:
+        limits = {"uni2h": 8, "phikon": 8, "naive_xmag": 8}
+    for item in max_tiles or []:
+        name, _, value = item.partition("=")
+        if name not in CONFIGS or not (value == "all" or value.isdigit() and int(value) > 0):
+            _fail(ValueError(f"--max-tiles takes NAME=N or NAME=all with NAME in {sorted(CONFIGS)}, got {item!r}"))
+        limits[name] = None if value == "all" else int(value)
+    try:
+        glasses = ensure_benchmark_slides(slides_dir, 1 if quick else slides, (20, 40) if scan_40x else (20,),
+                                          quick=quick, progress=typer.echo)
+    except (XmagError, OSError, ValueError) as error:
+        _fail(error)
+    at = {magnification: tuple(str(g.path) for g in glasses if g.base_magnification == magnification) for magnification in (20, 40)}
+    runs = [BenchRun(name, at[20], 20, limits.get(name)) for name in names]
+    if scan_40x and "xmag" in names:
+        runs.insert(names.index("xmag") + 1, BenchRun("xmag", at[40], 40, limits.get("xmag")))
+    try:
+        report = run_benchmark(
+            runs, output_dir, batch_size=batch_size or (128 if gpu else 16),
+            reader_threads=reader_threads or len(os.sched_getaffinity(0)), quick=quick, backend=backend, say=typer.echo,
+        )
+    except (BenchmarkError, XmagError, OSError) as error:
+        _fail(error)
+    typer.echo("")
+    typer.echo((output_dir / "results.md").read_text())
+    for path in report["files"]:
+        typer.echo(f"wrote {path}")
+
+
 @app.command("import-weights")
 def import_weights_command(
     source: Path = typer.Argument(..., help="Official weight file (XMAG release, DINOv2 hub, UNI2-h timm .bin, Phikon)."),

@@ -9,6 +9,7 @@ the tiles to its batch scheduler. It knows nothing of HTTP or gRPC.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 import threading
 import time
@@ -50,8 +51,9 @@ class SlideFacts:
     vendor: str
     reader_backend: str
     read_level: int
-    tile_count: int
+    tile_count: int  # tiles in the grid
     tissue_area_mm2: float
+    tiles_encoded: int  # tile_count, or fewer when a benchmark encoded a subset (max_tiles_encoded)
 
 
 @dataclass
@@ -121,6 +123,7 @@ def classify_slide(
     num_workers: int = 2,
     fallback_mpp: float | None = None,
     max_tiles: int | None = None,
+    max_tiles_encoded: int | None = None,
     on_event: EventCallback | None = None,
 ) -> SlideResult:
     """Run the whole pipeline on one slide; one encode feeds every head.
@@ -129,15 +132,17 @@ def classify_slide(
     CorruptSlideError, MissingResolutionError, NoTissueError, and
     TooManyTilesError when the grid has more than `max_tiles` tiles, before any
     tile is read). An exception raised by `on_event` stops the work (the way to
-    cancel) and propagates.
+    cancel) and propagates. `max_tiles_encoded` encodes only the grid's first
+    tiles, for benchmarks that measure a subset and extrapolate; the result's
+    coordinates and attention then cover that subset only.
     """
     def emit(stage: Stage, tiles_done: int = 0, tiles_total: int = 0) -> None:
         if on_event is not None:
             on_event(SlideEvent(stage, tiles_done, tiles_total))
 
-    if spec.tile_size_px != encoder.tile_size_px:
+    if spec.output_px != encoder.tile_size_px:
         raise ValueError(
-            f"the tiling makes {spec.tile_size_px} px tiles but the encoder takes {encoder.tile_size_px} px"
+            f"the tiling makes {spec.output_px} px tiles but the encoder takes {encoder.tile_size_px} px"
         )
     timings_s: dict[str, float] = {}
     started = time.perf_counter()
@@ -167,6 +172,9 @@ def classify_slide(
                 tile_count=len(grid),
                 max_tiles=max_tiles,
             )
+        full_tile_count = len(grid)
+        if max_tiles_encoded is not None and max_tiles_encoded < len(grid):
+            grid = dataclasses.replace(grid, level0_coords=grid.level0_coords[:max_tiles_encoded])
         emit("planned", 0, len(grid))
 
         embeddings = []
@@ -204,8 +212,9 @@ def classify_slide(
         vendor=info.vendor,
         reader_backend=info.backend,
         read_level=grid.read_level,
-        tile_count=len(grid),
+        tile_count=full_tile_count,
         tissue_area_mm2=tissue.tissue_area_mm2,
+        tiles_encoded=len(grid),
     )
     return SlideResult(
         facts=facts,

@@ -28,6 +28,14 @@ class TilingSpec:
     # A tile is kept when at least this fraction of its area is tissue. One half
     # keeps the grid an unbiased cover of the tissue at any tile size.
     min_tissue_fraction: float = 0.5
+    # The side the encoder takes, when it differs from tile_size_px (UNI2-h as the paper ran it: 256 px tiles
+    # shown to a 224 px model). Tiles are resized once, from the pyramid level read, straight to this size.
+    encoder_input_px: int | None = None
+
+    @property
+    def output_px(self) -> int:
+        """Side of the tiles handed to the encoder."""
+        return self.encoder_input_px or self.tile_size_px
 
     def __post_init__(self):
         if not self.target_mpp > 0:
@@ -36,10 +44,13 @@ class TilingSpec:
             raise ValueError(f"tile_size_px must be at least 1, got {self.tile_size_px}")
         if not 0.0 <= self.min_tissue_fraction <= 1.0:
             raise ValueError(f"min_tissue_fraction must be within 0..1, got {self.min_tissue_fraction}")
+        if self.encoder_input_px is not None and self.encoder_input_px < 1:
+            raise ValueError(f"encoder_input_px must be at least 1, got {self.encoder_input_px}")
 
 
 XMAG_5X = TilingSpec(target_mpp=2.0, tile_size_px=224)  # the XMAG student: 5x, 224 px (448 µm)
-UNI2H_20X = TilingSpec(target_mpp=0.5, tile_size_px=256)  # 20x models as the paper ran them
+UNI2H_20X = TilingSpec(target_mpp=0.5, tile_size_px=256, encoder_input_px=224)  # UNI2-h as the paper ran it
+PHIKON_20X = TilingSpec(target_mpp=0.5, tile_size_px=256, encoder_input_px=224)  # Phikon as the paper ran it
 
 
 @dataclass(frozen=True)
@@ -51,7 +62,7 @@ class TileGrid:
     spec: TilingSpec
     slide_mpp: float
     read_level: int  # pyramid level the pixels come from
-    read_size_px: int  # tile side at read_level, resized to spec.tile_size_px
+    read_size_px: int  # tile side at read_level, resized to spec.output_px
     grid_shape: tuple[int, int]  # (columns, rows) of the full grid before tissue selection
 
     def __len__(self) -> int:
@@ -103,10 +114,10 @@ def _tile_tissue_fractions(tissue: TissueMask, tile_size_level0_px: int, columns
 
 
 def iter_tile_batches(reader: SlideReader, grid: TileGrid, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (tiles, level0_coords): uint8 RGB NHWC batches at the grid's tile size, in grid order."""
+    """Yield (tiles, level0_coords): uint8 RGB NHWC batches at the encoder's input size, in grid order."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    tile_size_px = grid.spec.tile_size_px
+    tile_size_px = grid.spec.output_px
     regions = reader.read_regions(grid.level0_coords, grid.read_level, grid.read_size_px, batch_size)
     for start, batch in zip(range(0, len(grid), batch_size), regions):
         coords = grid.level0_coords[start : start + len(batch)]
