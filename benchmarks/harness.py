@@ -140,7 +140,7 @@ def run_config(config: BenchConfig, slide_paths: list[str], batch_size: int, rea
             )
             measured = {"tile_count": result.facts.tile_count, "tiles_encoded": result.facts.tiles_encoded,
                         "timings_s": result.timings_s}
-        slides.append(_scaled(Path(path).name, measured))
+        slides.append(scale_to_full_grid(Path(path).name, measured))
 
     seconds = [slide["seconds"] for slide in slides]
     tiles = [slide["tile_count"] for slide in slides]
@@ -173,7 +173,7 @@ def run_config(config: BenchConfig, slide_paths: list[str], batch_size: int, rea
     }
 
 
-def _scaled(name: str, measured: dict) -> dict:
+def scale_to_full_grid(name: str, measured: dict) -> dict:
     """A slide's stage times, with read and encode scaled to the full grid when only a subset was encoded."""
     stages = dict(measured["timings_s"])
     tile_count, encoded = measured["tile_count"], measured["tiles_encoded"]

@@ -8,7 +8,7 @@ import sys
 
 from PIL import Image
 
-from benchmarks.harness import _scaled
+from benchmarks.harness import scale_to_full_grid
 from benchmarks.report import PAPER, comparisons
 
 
@@ -37,7 +37,7 @@ def test_quick_benchmark_writes_every_output(tmp_path):
 
 
 def test_extrapolation_scales_read_and_encode_only():
-    scaled = _scaled("s", {"tile_count": 100, "tiles_encoded": 10,
+    scaled = scale_to_full_grid("s", {"tile_count": 100, "tiles_encoded": 10,
                            "timings_s": {"open": 1.0, "tissue": 2.0, "read": 0.5, "encode": 3.0, "heads": 0.1}})
     assert scaled["extrapolated"] and scaled["stages_s"]["encode"] == 30.0 and scaled["stages_s"]["read"] == 5.0
     assert scaled["seconds"] == 1.0 + 2.0 + 5.0 + 30.0 + 0.1
