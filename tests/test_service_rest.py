@@ -464,6 +464,8 @@ def test_serve_refuses_bad_flags_clearly(tmp_path):
 
     missing_root = CliRunner().invoke(app, ["serve", "--slide-root", str(tmp_path / "absent"), "--model-repo", str(tmp_path)])
     assert missing_root.exit_code == 2 and "do not exist or are not directories" in missing_root.output
+    not_a_repository = CliRunner().invoke(app, ["serve", "--slide-root", str(tmp_path), "--model-repo", str(tmp_path)])
+    assert not_a_repository.exit_code == 2 and "is not a model repository" in not_a_repository.output
     bad_batch = CliRunner().invoke(app, ["serve", "--max-batch-size", "4", "--read-batch-size", "8"])
     assert bad_batch.exit_code == 2 and "must not exceed max_batch_size" in bad_batch.output
     bad_backend = CliRunner().invoke(app, ["serve", "--encoder-backend", "magic"])

@@ -341,6 +341,9 @@ def serve(
     missing = [str(root) for root in settings.slide_roots if not root.is_dir()]
     if missing:
         _fail(ValueError(f"slide root(s) {missing} do not exist or are not directories"))
+    if settings.model_repo is not None and not (settings.model_repo / "manifest.json").is_file():
+        # Caught here for a clear exit; a repository that is there but damaged is reported by /readyz.
+        _fail(ValueError(f"{settings.model_repo} is not a model repository (no manifest.json); build one with `xmag export`"))
     grpc_note = f", gRPC on {settings.host}:{settings.grpc_port}" if settings.grpc else ""
     typer.echo(
         f"serving REST on http://{settings.host}:{settings.port}{grpc_note} (slide roots: "
