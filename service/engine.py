@@ -114,6 +114,9 @@ class SlideJob:
         self.timeout_s = timeout_s
         self.on_event = on_event
         self.future: concurrent.futures.Future[EngineResult] = concurrent.futures.Future()
+        # Running from the start, so a waiter cancelling its own wait (asyncio.wrap_future does, when its
+        # task is cancelled) cannot cancel the job's future: only the engine settles it, through `cancel()`.
+        self.future.set_running_or_notify_cancel()
         self.cancelled = threading.Event()  # set on cancel or timeout; the scheduler watches it
         self.admitted_at = time.monotonic()
         self.state: Literal["queued", "running", "done"] = "queued"

@@ -1,13 +1,24 @@
-"""Typed errors of the engine, beside the core's (`xmag.errors`).
+"""Typed errors of the engine, beside the core's (`xmag.errors`), and what each means to a caller.
 
-The faces map every class to a status (REST in `service.rest`, gRPC in its
-servicer), in one place each; the engine raises them and knows nothing of
-either protocol.
+`STATUS_BY_ERROR` is the one place that decides the status of every typed
+error, for both faces: the HTTP status REST answers and the gRPC status code
+(by name, so this module needs no gRPC). The engine raises the errors and
+knows nothing of either protocol.
 """
 
 from __future__ import annotations
 
-from xmag.errors import XmagError
+from typing import NamedTuple
+
+from xmag.errors import (
+    CorruptSlideError,
+    MissingResolutionError,
+    NoTissueError,
+    NotASlideError,
+    SlideNotFoundError,
+    TooManyTilesError,
+    XmagError,
+)
 
 
 class SlidePathForbiddenError(XmagError):
@@ -62,3 +73,35 @@ class ResultNotFoundError(XmagError):
     """A stored result (heatmap, GeoJSON) is unknown or has expired from the result store."""
 
     code = "result_not_found"
+
+
+class CallerStatus(NamedTuple):
+    http: int
+    grpc: str  # a grpc.StatusCode name
+
+
+STATUS_BY_ERROR: dict[type[XmagError], CallerStatus] = {
+    SlidePathForbiddenError: CallerStatus(403, "PERMISSION_DENIED"),
+    SlideNotFoundError: CallerStatus(404, "NOT_FOUND"),
+    ResultNotFoundError: CallerStatus(404, "NOT_FOUND"),
+    NotASlideError: CallerStatus(415, "INVALID_ARGUMENT"),
+    TooManyTilesError: CallerStatus(413, "RESOURCE_EXHAUSTED"),
+    CorruptSlideError: CallerStatus(422, "INVALID_ARGUMENT"),
+    NoTissueError: CallerStatus(422, "INVALID_ARGUMENT"),
+    MissingResolutionError: CallerStatus(422, "INVALID_ARGUMENT"),
+    InvalidRequestError: CallerStatus(422, "INVALID_ARGUMENT"),
+    QueueFullError: CallerStatus(429, "RESOURCE_EXHAUSTED"),
+    SlideCancelledError: CallerStatus(499, "CANCELLED"),  # the caller went away; nobody reads this answer
+    NotReadyError: CallerStatus(503, "UNAVAILABLE"),
+    SlideTimeoutError: CallerStatus(504, "DEADLINE_EXCEEDED"),
+}
+INTERNAL = CallerStatus(500, "INTERNAL")
+
+
+def status_of(error: BaseException) -> CallerStatus:
+    """The status of a typed error (its nearest listed class); INTERNAL for anything unexpected."""
+    if isinstance(error, XmagError):
+        for cls in type(error).__mro__:
+            if cls in STATUS_BY_ERROR:
+                return STATUS_BY_ERROR[cls]
+    return INTERNAL

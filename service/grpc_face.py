@@ -1,7 +1,7 @@
 """The gRPC face: `xmag.v1.SlideClassifier` on grpc.aio, translating protobuf to engine calls.
 
-Status codes live in `GRPC_STATUS_BY_ERROR`, the one place they are decided
-for gRPC (REST has its own table in `service.rest`). Also here: standard
+Status codes come from `service.errors.STATUS_BY_ERROR`, shared with REST,
+so a slide fails with the same meaning on either face. Also here: standard
 health checking (`grpc.health.v1`, SERVING once the model is ready), server
 reflection, the API-key check on `authorization: Bearer <key>` metadata, and
 explicit message size limits. A cancelled call, or one whose deadline passes,
@@ -22,49 +22,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.engine import Engine, EngineHolder, EngineResult, SlideJob
-from service.errors import (
-    InvalidRequestError,
-    NotReadyError,
-    QueueFullError,
-    ResultNotFoundError,
-    SlideCancelledError,
-    SlidePathForbiddenError,
-    SlideTimeoutError,
-)
+from service.errors import INTERNAL, InvalidRequestError, NotReadyError, QueueFullError, status_of
 from service.grpc_api import classifier_pb2 as pb
 from service.grpc_api import classifier_pb2_grpc as pb_grpc
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
-from xmag.errors import (
-    CorruptSlideError,
-    MissingResolutionError,
-    NoTissueError,
-    NotASlideError,
-    SlideNotFoundError,
-    TooManyTilesError,
-    XmagError,
-)
+from xmag.errors import XmagError
 from xmag.pipeline import SlideEvent
 
 log = logging.getLogger("xmag.grpc")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SlideClassifier"].full_name  # "xmag.v1.SlideClassifier"
-
-GRPC_STATUS_BY_ERROR: dict[type[Exception], grpc.StatusCode] = {
-    SlidePathForbiddenError: grpc.StatusCode.PERMISSION_DENIED,
-    SlideNotFoundError: grpc.StatusCode.NOT_FOUND,
-    ResultNotFoundError: grpc.StatusCode.NOT_FOUND,
-    NotASlideError: grpc.StatusCode.INVALID_ARGUMENT,
-    CorruptSlideError: grpc.StatusCode.INVALID_ARGUMENT,
-    NoTissueError: grpc.StatusCode.INVALID_ARGUMENT,
-    MissingResolutionError: grpc.StatusCode.INVALID_ARGUMENT,
-    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
-    TooManyTilesError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    SlideCancelledError: grpc.StatusCode.CANCELLED,
-    NotReadyError: grpc.StatusCode.UNAVAILABLE,
-    SlideTimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
 
 _STAGES = {
     "opened": pb.Progress.OPENED,
@@ -76,10 +44,10 @@ _STAGES = {
 
 def grpc_error_of(error: BaseException) -> tuple[grpc.StatusCode, str, str]:
     """(status, XMAG error code, message) of an engine or core error; INTERNAL for anything unexpected."""
-    for cls in type(error).__mro__:
-        if cls in GRPC_STATUS_BY_ERROR and isinstance(error, XmagError):
-            return GRPC_STATUS_BY_ERROR[cls], error.code, str(error)
-    return grpc.StatusCode.INTERNAL, "internal", "internal error; the server log has the details"
+    status = status_of(error)
+    if status == INTERNAL:
+        return grpc.StatusCode.INTERNAL, "internal", "internal error; the server log has the details"
+    return grpc.StatusCode[status.grpc], error.code, str(error)
 
 
 def slide_error(error: BaseException) -> pb.SlideError:
@@ -153,6 +121,7 @@ class SlideClassifierServicer(pb_grpc.SlideClassifierServicer):
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
             job: SlideJob | None = None
+            finished: asyncio.Future | None = None
             try:
                 engine, job = await self._submit(request, context, on_event)
                 finished = asyncio.wrap_future(job.future)
@@ -172,6 +141,8 @@ class SlideClassifierServicer(pb_grpc.SlideClassifierServicer):
                 outcome["status"] = "CANCELLED"
                 if job is not None:
                     job.cancel()
+                if finished is not None:
+                    finished.cancel()  # nobody will read its outcome now
                 raise
             except Exception as error:  # noqa: BLE001
                 log.error("ClassifyStream failed with an unexpected %s", type(error).__name__)

@@ -1,6 +1,6 @@
 """The REST face: FastAPI routes that translate HTTP to engine calls and typed errors to status codes.
 
-Status codes live in `STATUS_BY_ERROR`, the one place they are decided. The
+Status codes come from `service.errors.STATUS_BY_ERROR`, shared with gRPC. The
 model loads on a background thread after start-up, so `/healthz` answers at
 once and `/readyz` turns 200 when the model is loaded, verified and warmed up.
 """
@@ -22,46 +22,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import schemas
 from service.engine import Engine, EngineHolder, EngineResult
-from service.errors import (
-    InvalidRequestError,
-    NotReadyError,
-    QueueFullError,
-    ResultNotFoundError,
-    SlideCancelledError,
-    SlidePathForbiddenError,
-    SlideTimeoutError,
-)
+from service.errors import INTERNAL, NotReadyError, QueueFullError, status_of
 from service.metrics import ServiceMetrics
 from service.results import ResultStore
 from service.settings import ServiceSettings
 from xmag import __version__
-from xmag.errors import (
-    CorruptSlideError,
-    MissingResolutionError,
-    NoTissueError,
-    NotASlideError,
-    SlideNotFoundError,
-    TooManyTilesError,
-    XmagError,
-)
+from xmag.errors import XmagError
 
 log = logging.getLogger("xmag.rest")
-
-STATUS_BY_ERROR: dict[type[Exception], int] = {
-    SlidePathForbiddenError: 403,
-    SlideNotFoundError: 404,
-    ResultNotFoundError: 404,
-    NotASlideError: 415,
-    TooManyTilesError: 413,
-    CorruptSlideError: 422,
-    NoTissueError: 422,
-    MissingResolutionError: 422,
-    InvalidRequestError: 422,
-    QueueFullError: 429,
-    SlideCancelledError: 499,  # the client went away; nobody reads this answer
-    NotReadyError: 503,
-    SlideTimeoutError: 504,
-}
 
 UNAUTHORISED = JSONResponse(
     {"error": {"code": "unauthorised", "message": "a valid API key is required: send 'Authorization: Bearer <key>'"}},
@@ -77,17 +45,9 @@ ERROR_RESPONSES = {
 EngineFactory = Callable[[ServiceSettings, ServiceMetrics], Engine]
 
 
-def status_of(error: BaseException) -> int:
-    """The HTTP status of an engine or core error; 500 for anything unexpected."""
-    for cls in type(error).__mro__:
-        if cls in STATUS_BY_ERROR:
-            return STATUS_BY_ERROR[cls]
-    return 500
-
-
 def error_response(error: BaseException) -> JSONResponse:
-    status = status_of(error)
-    if isinstance(error, XmagError) and status != 500:
+    status = status_of(error).http
+    if status != INTERNAL.http:
         body = {"error": {"code": error.code, "message": str(error)}}
     else:
         body = {"error": {"code": "internal", "message": "internal error; the server log has the details"}}
