@@ -1,1 +1,1 @@
-"""The XMAG inference service: one engine, REST (and later gRPC) faces."""
+"""The XMAG inference service: one engine, two faces (REST and gRPC)."""

@@ -1,6 +1,6 @@
 """The inference engine: admission, the slide pipeline per request, the shared batch scheduler.
 
-Both faces (REST now, gRPC next) call `Engine.submit` and wait on the job's
+Both faces (REST and gRPC) call `Engine.submit` and wait on the job's
 future; the engine knows nothing of HTTP or gRPC.
 
 One slide's life:
