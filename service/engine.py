@@ -88,6 +88,14 @@ class ModelDescription:
         )
 
 
+    def caller_info(self) -> dict:
+        """What both faces tell a caller about the model (the fields of their ModelInfo schemas)."""
+        return {
+            "name": self.name, "version": self.version, "kind": self.kind, "manifest_sha256": self.manifest_sha256,
+            "weights_sha256": self.weights_sha256, "encoder": self.encoder, "notice": self.notice,
+        }
+
+
 @dataclass(frozen=True)
 class EngineResult:
     job_id: str
@@ -196,6 +204,17 @@ class Engine:
         measurements = [dataclasses.asdict(m) for m in selection.measurements]
         model = ModelDescription.of_repository(repository, selection.runtime.description, measurements)
         return cls(settings, selection.runtime, heads_from_repository(repository), model, metrics)
+
+    def caller_slide_facts(self, result: EngineResult) -> dict:
+        """What both faces tell a caller about the slide (the fields of their SlideFacts schemas)."""
+        facts = result.slide.facts
+        return {
+            "width_px": facts.width_px, "height_px": facts.height_px, "mpp": facts.mpp,
+            "base_magnification": facts.base_magnification, "objective_power": facts.objective_power,
+            "vendor": facts.vendor, "reader_backend": facts.reader_backend, "read_level": facts.read_level,
+            "tile_count": facts.tile_count, "tile_size_px": self.spec.tile_size_px, "target_mpp": self.spec.target_mpp,
+            "tissue_area_mm2": facts.tissue_area_mm2,
+        }
 
     @property
     def ready(self) -> bool:

@@ -58,16 +58,9 @@ def slide_error(error: BaseException) -> pb.SlideError:
 def result_message(result: EngineResult, engine: Engine, return_attention: bool) -> pb.ClassifyResult:
     """An engine result as the protobuf ClassifyResult (the REST answer's twin)."""
     slide = result.slide
-    facts = slide.facts
     message = pb.ClassifyResult(
         result_id=result.job_id,
-        slide=pb.SlideFacts(
-            width_px=facts.width_px, height_px=facts.height_px, mpp=facts.mpp,
-            base_magnification=facts.base_magnification, objective_power=facts.objective_power,
-            vendor=facts.vendor, reader_backend=facts.reader_backend, read_level=facts.read_level,
-            tile_count=facts.tile_count, tile_size_px=engine.spec.tile_size_px, target_mpp=engine.spec.target_mpp,
-            tissue_area_mm2=facts.tissue_area_mm2,
-        ),
+        slide=pb.SlideFacts(**engine.caller_slide_facts(result)),
         model=model_message(engine),
         timings_s=pb.StageTimings(**result.timings_s),
     )
@@ -84,11 +77,8 @@ def result_message(result: EngineResult, engine: Engine, return_attention: bool)
 
 
 def model_message(engine: Engine) -> pb.ModelInfo:
-    model = engine.model
-    return pb.ModelInfo(
-        name=model.name, version=model.version, kind=model.kind, manifest_sha256=model.manifest_sha256 or "",
-        weights_sha256=model.weights_sha256 or "", encoder=model.encoder, notice=model.notice,
-    )
+    # proto3 strings have no null: an unknown sha256 is sent as "".
+    return pb.ModelInfo(**{name: "" if value is None else value for name, value in engine.model.caller_info().items()})
 
 
 class SlideClassifierServicer(pb_grpc.SlideClassifierServicer):

@@ -252,15 +252,11 @@ class _RequestCounter:
 
 
 def _model_info(model) -> schemas.ModelInfo:
-    return schemas.ModelInfo(
-        name=model.name, version=model.version, kind=model.kind, manifest_sha256=model.manifest_sha256,
-        weights_sha256=model.weights_sha256, encoder=model.encoder, notice=model.notice,
-    )
+    return schemas.ModelInfo(**model.caller_info())
 
 
 def _classify_response(result: EngineResult, engine: Engine, body: schemas.ClassifyRequest, base_url: str):
     slide = result.slide
-    facts = slide.facts
     tasks = list(slide.predictions)
     attention = None
     if body.return_attention:
@@ -280,13 +276,7 @@ def _classify_response(result: EngineResult, engine: Engine, body: schemas.Class
         }
     return schemas.ClassifyResponse(
         result_id=result.job_id,
-        slide=schemas.SlideFacts(
-            width_px=facts.width_px, height_px=facts.height_px, mpp=facts.mpp,
-            base_magnification=facts.base_magnification, objective_power=facts.objective_power,
-            vendor=facts.vendor, reader_backend=facts.reader_backend, read_level=facts.read_level,
-            tile_count=facts.tile_count, tile_size_px=engine.spec.tile_size_px, target_mpp=engine.spec.target_mpp,
-            tissue_area_mm2=facts.tissue_area_mm2,
-        ),
+        slide=schemas.SlideFacts(**engine.caller_slide_facts(result)),
         model=_model_info(engine.model),
         predictions={
             task: schemas.TaskPrediction(label=p.label, probabilities=p.probabilities)
