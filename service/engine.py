@@ -176,6 +176,7 @@ class Engine:
         self.metrics.queue_depth.set_function(lambda: self._queued)
         self.metrics.inflight.set_function(lambda: self._running)
         self.metrics.pending_tiles.set_function(lambda: self.scheduler.pending_tiles)
+        self.metrics.max_batch_size.set(max_batch_size)
         self.metrics.model.info(
             {"name": model.name, "version": str(model.version), "kind": model.kind, "encoder": model.encoder,
              "manifest_sha256": model.manifest_sha256 or ""}
@@ -241,6 +242,14 @@ class Engine:
     ) -> SlideJob:
         """Admit one slide or raise: NotReadyError, InvalidRequestError/UnknownTaskError,
         SlidePathForbiddenError, SlideNotFoundError, QueueFullError. Nothing is opened here."""
+        try:
+            return self._admit(slide_path, tasks, fallback_mpp, timeout_s, on_event)
+        except XmagError as refusal:
+            # Refused slides count among the outcomes, so that the dashboard's errors show 403s and 429s too.
+            self._record_outcome(refusal.code)
+            raise
+
+    def _admit(self, slide_path, tasks, fallback_mpp, timeout_s, on_event) -> SlideJob:
         if self._closing:
             raise NotReadyError("the service is shutting down")
         if not self._ready:
