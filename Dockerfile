@@ -9,7 +9,7 @@
 #
 # The demo model repository is built at first start, not baked in: `xmag serve` without
 # XMAG_MODEL_REPO exports it (~30 s) into model_repo/demo, which the link below places in the
-# /models volume, so it is built once per volume. Baking it in would add ~430 MB of untrained
+# /models volume, so it is built once per volume. Baking it in would add ~740 MB of untrained
 # weights to every image, including those that only ever serve a real repository.
 
 # ---- builder: the project's wheel (pure Python: one wheel serves both targets) ----
