@@ -1,6 +1,6 @@
-# XMAG service images, two targets of one file:
-#   docker build -t xmag:gpu .                # default: NVIDIA GPU (TensorRT, onnxruntime-gpu, cuCIM)
-#   docker build --target cpu -t xmag:cpu .   # CPU only (torch CPU, onnxruntime)
+# XMAG service images, two flavours of one file:
+#   docker build -t xmag:gpu .                          # default: NVIDIA GPU (TensorRT, onnxruntime-gpu, cuCIM)
+#   docker build --build-arg FLAVOUR=cpu -t xmag:cpu .  # CPU only (torch CPU, onnxruntime)
 # Both run `xmag serve`: REST on :8000, gRPC on :50051, slides read-only from /slides, model
 # repositories in the volume /models (see deploy/README.md).
 #
@@ -12,7 +12,10 @@
 # /models volume, so it is built once per volume. Baking it in would add ~740 MB of untrained
 # weights to every image, including those that only ever serve a real repository.
 
-# ---- builder: the project's wheel (pure Python: one wheel serves both targets) ----
+# The flavour picks the base stage (cpu-base or gpu-base) the runtime stage at the end starts from.
+ARG FLAVOUR=gpu
+
+# ---- builder: the project's wheel (pure Python: one wheel serves both flavours) ----
 FROM python:3.11.13-slim-bookworm AS builder
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -22,13 +25,11 @@ COPY service ./service
 COPY benchmarks ./benchmarks
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
-# ---- cpu: python:3.11-slim, torch CPU, onnxruntime, cuCIM reading on the CPU ----
-FROM python:3.11.13-slim-bookworm AS cpu
+# ---- cpu-base: python:3.11-slim, torch CPU, onnxruntime, cuCIM reading on the CPU ----
+FROM python:3.11.13-slim-bookworm AS cpu-base
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    XMAG_HOST=0.0.0.0 \
-    XMAG_SLIDE_ROOTS=/slides
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY --from=builder /wheels /tmp/wheels
 # torch's CPU build from PyTorch's CPU index (PyPI's Linux torch brings ~3 GB of CUDA libraries);
 # it satisfies the wheel's torch==2.13.0 in the same resolve. cuCIM without its declared CUDA
@@ -36,31 +37,18 @@ COPY --from=builder /wheels /tmp/wheels
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu \
         "torch==2.13.0+cpu" /tmp/wheels/xmag-*.whl "click>=8" "lazy-loader>=0.4" "scikit-image>=0.22" \
     && pip install --no-cache-dir --no-deps "cucim-cu12==26.10.0" \
-    && rm -rf /tmp/wheels \
-    && useradd --uid 10001 --user-group --create-home xmag \
-    && mkdir -p /slides /models /srv/xmag \
-    && chown xmag:xmag /models /srv/xmag \
-    && ln -s /models /srv/xmag/model_repo
-WORKDIR /srv/xmag
-USER 10001:10001
-EXPOSE 8000 50051
-HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('XMAG_PORT', '8000'), timeout=4)"]
-ENTRYPOINT ["xmag"]
-CMD ["serve"]
+    && rm -rf /tmp/wheels
 
-# ---- gpu (default): CUDA 12.6 + cuDNN 9 runtime, torch cu126, TensorRT 10, onnxruntime-gpu, cuCIM ----
+# ---- gpu-base: CUDA 12.6 + cuDNN 9 runtime, torch cu126, TensorRT 10, onnxruntime-gpu, cuCIM ----
 # CUDA 12.6 because it is the only CUDA 12 build of torch 2.13 (cu126). The system CUDA and
 # cuDNN libraries of this base serve onnxruntime-gpu; torch and TensorRT bring their own.
 # nvidia-ml-py (GPU metrics on /metrics) comes with the wheel, in both targets.
-FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 AS gpu
+FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 AS gpu-base
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:$PATH \
-    XMAG_HOST=0.0.0.0 \
-    XMAG_SLIDE_ROOTS=/slides
+    PATH=/opt/venv/bin:$PATH
 # Ubuntu's archive replaces package versions with security fixes, so exact pins would break rebuilds;
 # the base image's tag fixes the release.
 # hadolint ignore=DL3008
@@ -78,8 +66,13 @@ RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/wh
         "torch==2.13.0+cu126" /tmp/wheels/xmag-*.whl "tensorrt-cu12==10.7.0" "cucim-cu12==26.10.0" \
     && pip uninstall -y onnxruntime \
     && pip install --no-cache-dir --no-deps "onnxruntime-gpu==1.26.0" \
-    && rm -rf /tmp/wheels \
-    && useradd --uid 10001 --user-group --create-home xmag \
+    && rm -rf /tmp/wheels
+
+# ---- runtime (the image): the service on the base of FLAVOUR, as a non-root user ----
+FROM ${FLAVOUR}-base AS runtime
+ENV XMAG_HOST=0.0.0.0 \
+    XMAG_SLIDE_ROOTS=/slides
+RUN useradd --uid 10001 --user-group --create-home xmag \
     && mkdir -p /slides /models /srv/xmag \
     && chown xmag:xmag /models /srv/xmag \
     && ln -s /models /srv/xmag/model_repo

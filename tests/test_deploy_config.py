@@ -84,7 +84,7 @@ def _gpu_devices(service: dict) -> list:
 
 def test_compose_gpu_service(compose_gpu):
     xmag = compose_gpu["xmag"]
-    assert xmag["build"]["target"] == "gpu" and xmag["image"] == "xmag:gpu"
+    assert xmag["build"]["args"] == {"FLAVOUR": "gpu"} and xmag["image"] == "xmag:gpu"
     assert _gpu_devices(xmag) == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert "profiles" not in xmag
     assert _ports(xmag) == {(8000, 8000), (50051, 50051)}
@@ -97,7 +97,7 @@ def test_compose_cpu_variant_runs_without_a_gpu_under_the_name_xmag(compose_cpu)
     assert set(running) == {"xmag-cpu", "prometheus", "grafana"}
     assert compose_cpu["xmag"]["profiles"] == ["gpu"]
     cpu = running["xmag-cpu"]
-    assert cpu["build"]["target"] == "cpu" and cpu["image"] == "xmag:cpu"
+    assert cpu["build"]["args"] == {"FLAVOUR": "cpu"} and cpu["image"] == "xmag:cpu"
     assert _gpu_devices(cpu) == [] and "deploy" not in cpu
     assert "xmag" in cpu["networks"]["default"]["aliases"]  # Prometheus scrapes xmag:8000
     # The same service in every other respect.
@@ -144,12 +144,15 @@ def test_dockerfile_passes_hadolint():
             assert above.startswith("#") and "hadolint" not in above, f"Dockerfile:{number + 1}: no reason given"
 
 
-def test_dockerfile_targets():
-    stages = re.findall(r"^FROM\s+(\S+)\s+AS\s+(\S+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
-    names = [name for _, name in stages]
-    assert {"builder", "cpu", "gpu"} <= set(names)
-    assert names[-1] == "gpu", "the default target (the last stage) is gpu"
-    assert all(":" in image and not image.endswith(":latest") for image, _ in stages), "base images pinned by tag"
+def test_dockerfile_flavours():
+    text = (ROOT / "Dockerfile").read_text()
+    # stage name -> what it starts FROM, in order
+    stages = {name: image for image, name in re.findall(r"^FROM\s+(\S+)\s+AS\s+(\S+)", text, re.MULTILINE)}
+    assert list(stages)[-1] == "runtime" and stages["runtime"] == "${FLAVOUR}-base"
+    assert re.search(r"^ARG FLAVOUR=gpu$", text, re.MULTILINE), "the default flavour is gpu"
+    bases = {name: image for name, image in stages.items() if name != "runtime"}
+    assert {"builder", "cpu-base", "gpu-base"} == set(bases)
+    assert all(":" in image and not image.endswith(":latest") for image in bases.values()), "base images pinned by tag"
 
 
 def test_yaml_files_pass_yamllint():
