@@ -31,9 +31,13 @@ $(TRITON_VENV)/.installed: Makefile
 	$(TRITON_VENV)/bin/python -m pip install --quiet "nvidia-pytriton==0.7.0" "numpy<2" "onnxruntime>=1.20,<2"
 	touch $@
 
+# The tests start their own Prometheus on a free port, so the system service the package starts
+# under systemd is stopped and disabled again.
 deploy-tools:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v docker-compose >/dev/null \
-		|| { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(DEPLOY_TOOLS); }
+		|| { $(SUDO) apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(DEPLOY_TOOLS) \
+		&& if [ -d /run/systemd/system ]; then $(SUDO) systemctl disable --now prometheus; fi; }
 
 demo: $(VENV)/.installed
 	$(BIN)/xmag demo --out out
