@@ -102,27 +102,17 @@ def slide_tiles(lesion_model):
         tissue, _ = tissue_mask_for_slide(reader, mpp)
         grid = plan_tile_grid(reader.info, mpp, tissue, XMAG_5X)
         tiles, _ = next(iter_tile_batches(reader, grid, batch_size=32))
-    assert (
-        tiles.shape == (32, TILE_SIZE_PX, TILE_SIZE_PX, 3) and tiles.std() > 10
-    )  # tissue, not blank glass
+    assert tiles.shape == (32, TILE_SIZE_PX, TILE_SIZE_PX, 3) and tiles.std() > 10  # tissue, not blank glass
     return tiles
 
 
 def _onnx_fp32(repository_root, model_name) -> OnnxTileEncoder:
-    return OnnxTileEncoder(
-        repository_root / model_name / "1" / "model.onnx", TILE_SIZE_PX, EMBED_DIM
-    )
+    return OnnxTileEncoder(repository_root / model_name / "1" / "model.onnx", TILE_SIZE_PX, EMBED_DIM)
 
 
 def _min_cosine(actual, expected) -> float:
     actual, expected = actual.astype(np.float64), expected.astype(np.float64)
-    return float(
-        np.min(
-            (actual * expected).sum(1)
-            / np.linalg.norm(actual, axis=1)
-            / np.linalg.norm(expected, axis=1)
-        )
-    )
+    return float(np.min((actual * expected).sum(1) / np.linalg.norm(actual, axis=1) / np.linalg.norm(expected, axis=1)))
 
 
 def _requests_served(server: TritonServer, model_name: str) -> int:
@@ -156,9 +146,7 @@ def test_the_checked_interface_is_the_one_the_export_writes(lesion_model):
         )
 
 
-def test_embeddings_through_triton_equal_onnxruntime_fp32(
-    triton, lesion_model, slide_tiles
-):
+def test_embeddings_through_triton_equal_onnxruntime_fp32(triton, lesion_model, slide_tiles):
     runtime = TritonTileEncoder(triton.url, LESION_ENCODER, TILE_SIZE_PX, EMBED_DIM)
     try:
         assert (runtime.backend, runtime.precision, runtime.triton_max_batch_size) == (
@@ -179,9 +167,7 @@ def test_embeddings_through_triton_equal_onnxruntime_fp32(
     assert _min_cosine(actual, expected) > 0.99999
 
 
-def test_batches_larger_than_the_models_max_batch_size_are_split(
-    triton, other_repository, slide_tiles
-):
+def test_batches_larger_than_the_models_max_batch_size_are_split(triton, other_repository, slide_tiles):
     tiles = slide_tiles[:20]
     runtime = TritonTileEncoder(triton.url, OTHER_ENCODER, TILE_SIZE_PX, EMBED_DIM)
     try:
@@ -203,9 +189,7 @@ def _classify(base_url: str, slide_path) -> httpx.Response:
     )
 
 
-def test_the_service_on_triton_answers_as_the_in_process_onnxruntime_service(
-    triton, lesion_model
-):
+def test_the_service_on_triton_answers_as_the_in_process_onnxruntime_service(triton, lesion_model):
     common = {
         "model_repo": lesion_model.repository,
         "slide_roots": [lesion_model.slides_dir],
@@ -213,15 +197,11 @@ def test_the_service_on_triton_answers_as_the_in_process_onnxruntime_service(
     }
     slide = lesion_model.lesion_slide.path
     with running_service(
-        create_app(
-            service_settings(**common, encoder_backend="onnxruntime", precision="fp32")
-        )
+        create_app(service_settings(**common, encoder_backend="onnxruntime", precision="fp32"))
     ) as base_url:
         expected = _classify(base_url, slide)
     with running_service(
-        create_app(
-            service_settings(**common, encoder_backend="triton", triton_url=triton.url)
-        )
+        create_app(service_settings(**common, encoder_backend="triton", triton_url=triton.url))
     ) as base_url:
         answer = _classify(base_url, slide)
         models = httpx.get(f"{base_url}/v1/models").json()
@@ -229,20 +209,9 @@ def test_the_service_on_triton_answers_as_the_in_process_onnxruntime_service(
 
     # The probe ran against torch fp32, and the one measurement is what /v1/models shows.
     (measurement,) = models["backend_measurements"]
-    assert (
-        measurement["backend"] == "triton"
-        and measurement["precision"] == "fp32"
-        and measurement["chosen"]
-    )
-    assert (
-        measurement["description"]
-        == models["model"]["encoder"]
-        == f"triton fp32 ({LESION_ENCODER} at {triton.url})"
-    )
-    assert (
-        measurement["min_cosine_vs_torch_fp32"] >= MIN_BACKEND_COSINE
-        and measurement["tiles_per_s"] > 0
-    )
+    assert measurement["backend"] == "triton" and measurement["precision"] == "fp32" and measurement["chosen"]
+    assert measurement["description"] == models["model"]["encoder"] == f"triton fp32 ({LESION_ENCODER} at {triton.url})"
+    assert measurement["min_cosine_vs_torch_fp32"] >= MIN_BACKEND_COSINE and measurement["tiles_per_s"] > 0
 
     expected, answer = expected.json(), answer.json()
     prediction, reference = (
@@ -252,12 +221,8 @@ def test_the_service_on_triton_answers_as_the_in_process_onnxruntime_service(
     assert prediction["label"] == reference["label"] == "lesion"
     for name, probability in reference["probabilities"].items():
         assert prediction["probabilities"][name] == pytest.approx(probability, abs=1e-5)
-    assert (
-        answer["attention"]["level0_coords"] == expected["attention"]["level0_coords"]
-    )
-    weights, reference_weights = (
-        np.asarray(a["attention"]["weights"][LESION_TASK]) for a in (answer, expected)
-    )
+    assert answer["attention"]["level0_coords"] == expected["attention"]["level0_coords"]
+    weights, reference_weights = (np.asarray(a["attention"]["weights"][LESION_TASK]) for a in (answer, expected))
     assert len(weights) == answer["slide"]["tile_count"] > 50
     assert np.abs(weights - reference_weights).max() <= 1e-5
 
@@ -274,14 +239,9 @@ def test_a_triton_serving_another_encoder_is_refused_at_start(triton, lesion_mod
         Engine.from_settings(settings)
     message = str(refused.value)
     assert f"triton unknown ({OTHER_ENCODER} at {triton.url}): cosine " in message
-    assert (
-        f"< {MIN_BACKEND_COSINE}: the server's model is not this repository's encoder"
-        in message
-    )
+    assert f"< {MIN_BACKEND_COSINE}: the server's model is not this repository's encoder" in message
     # The service reports it as the reason it is not ready.
-    refused_at_start = pytest.raises(
-        RuntimeError, match="the server's model is not this repository's encoder"
-    )
+    refused_at_start = pytest.raises(RuntimeError, match="the server's model is not this repository's encoder")
     with refused_at_start, running_service(create_app(settings)):
         pass
 
@@ -290,31 +250,17 @@ def test_a_model_with_another_interface_is_refused_naming_it(triton):
     with pytest.raises(EncoderBackendUnavailableError) as refused:
         TritonTileEncoder(triton.url, LESION_HEAD, TILE_SIZE_PX, EMBED_DIM)
     message = str(refused.value)
-    assert (
-        f"model {LESION_HEAD!r} at Triton {triton.url} is not this repository's tile encoder"
-        in message
-    )
+    assert f"model {LESION_HEAD!r} at Triton {triton.url} is not this repository's tile encoder" in message
     assert "it takes 'features' FP32 [-1, 192]" in message
-    assert (
-        "`xmag export` writes 'tiles' UINT8 [-1, 224, 224, 3] in, 'embedding' FP32 [-1, 192] out"
-        in message
-    )
+    assert "`xmag export` writes 'tiles' UINT8 [-1, 224, 224, 3] in, 'embedding' FP32 [-1, 192] out" in message
 
 
 def test_a_model_triton_does_not_have_is_named_with_those_it_has(triton):
     with pytest.raises(EncoderBackendUnavailableError) as refused:
-        TritonTileEncoder(
-            triton.url, "no_such_model", TILE_SIZE_PX, EMBED_DIM, ready_timeout_s=1
-        )
+        TritonTileEncoder(triton.url, "no_such_model", TILE_SIZE_PX, EMBED_DIM, ready_timeout_s=1)
     message = str(refused.value)
-    assert (
-        f"Triton at {triton.url} is live, but model 'no_such_model' was not ready within 1 s"
-        in message
-    )
-    assert (
-        f"the server has no such model; it has ['{LESION_ENCODER}', '{LESION_HEAD}', '{OTHER_ENCODER}']"
-        in message
-    )
+    assert f"Triton at {triton.url} is live, but model 'no_such_model' was not ready within 1 s" in message
+    assert f"the server has no such model; it has ['{LESION_ENCODER}', '{LESION_HEAD}', '{OTHER_ENCODER}']" in message
 
 
 def test_an_unreachable_triton_fails_within_its_deadline_saying_where(lesion_model):
@@ -324,9 +270,7 @@ def test_an_unreachable_triton_fails_within_its_deadline_saying_where(lesion_mod
         EncoderBackendUnavailableError,
         match=f"no Triton Inference Server answered at {url} within 1 s",
     ):
-        TritonTileEncoder(
-            url, LESION_ENCODER, TILE_SIZE_PX, EMBED_DIM, ready_timeout_s=1
-        )
+        TritonTileEncoder(url, LESION_ENCODER, TILE_SIZE_PX, EMBED_DIM, ready_timeout_s=1)
     assert time.monotonic() - started < 3
     settings = service_settings(
         model_repo=lesion_model.repository,
@@ -344,9 +288,7 @@ def test_an_unreachable_triton_fails_within_its_deadline_saying_where(lesion_mod
     assert time.monotonic() - started < 3
 
 
-def test_a_stalled_or_killed_triton_fails_slides_with_503_and_the_service_recovers(
-    install, lesion_model, tmp_path
-):
+def test_a_stalled_or_killed_triton_fails_slides_with_503_and_the_service_recovers(install, lesion_model, tmp_path):
     assert status_of(EncoderRemoteError("gone")) == CallerStatus(503, "UNAVAILABLE")
     add_stand_in_model(tmp_path / "models", lesion_model.repository, LESION_ENCODER)
     slide = lesion_model.normal_slide.path
@@ -367,41 +309,25 @@ def test_a_stalled_or_killed_triton_fails_slides_with_503_and_the_service_recove
             stalled_s = time.monotonic() - started
             server.resume()
             assert stalled.status_code == 503, stalled.text
-            assert (
-                stalled.json()["error"]["code"] == "encoder_unavailable"
-                and stalled.headers["Retry-After"] == "5"
-            )
-            assert (
-                "DEADLINE_EXCEEDED" in stalled.json()["error"]["message"]
-                and stalled_s < 10
-            )
+            assert stalled.json()["error"]["code"] == "encoder_unavailable" and stalled.headers["Retry-After"] == "5"
+            assert "DEADLINE_EXCEEDED" in stalled.json()["error"]["message"] and stalled_s < 10
 
-            assert (
-                _classify(base_url, slide).status_code == 200
-            )  # the same channel works again
+            assert _classify(base_url, slide).status_code == 200  # the same channel works again
 
             server.kill()
             started = time.monotonic()
             gone = _classify(base_url, slide)
             assert gone.status_code == 503, gone.text
-            assert (
-                gone.json()["error"]["code"] == "encoder_unavailable"
-                and time.monotonic() - started < 5
-            )
+            assert gone.json()["error"]["code"] == "encoder_unavailable" and time.monotonic() - started < 5
             assert server.url in gone.json()["error"]["message"]
-            assert (
-                httpx.get(f"{base_url}/healthz").status_code == 200
-            )  # the service itself lives on
+            assert httpx.get(f"{base_url}/healthz").status_code == 200  # the service itself lives on
 
 
 def test_serve_refuses_the_triton_backend_without_a_url():
     from xmag.cli import app
 
     refused = CliRunner().invoke(app, ["serve", "--encoder-backend", "triton"])
-    assert (
-        refused.exit_code == 2
-        and "encoder_backend 'triton' needs triton_url" in refused.output
-    )
+    assert refused.exit_code == 2 and "encoder_backend 'triton' needs triton_url" in refused.output
     bad_url = CliRunner().invoke(
         app,
         ["serve", "--encoder-backend", "triton", "--triton-url", "http://triton:8001"],

@@ -79,24 +79,17 @@ class TritonInstall:
             "'version': f'{sys.version_info[0]}.{sys.version_info[1]}'}))"
         )
         found = json.loads(
-            subprocess.run(
-                [str(python), "-c", probe], capture_output=True, text=True, check=True
-            ).stdout
+            subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=True).stdout
         )
         if not found["pytriton"]:
-            pytest.fail(
-                f"{python} has no nvidia-pytriton; `make test` installs it into .venv-triton"
-            )
+            pytest.fail(f"{python} has no nvidia-pytriton; `make test` installs it into .venv-triton")
         pytriton = Path(found["pytriton"])
         server = pytriton / "tritonserver"
         install = cls(
             python=python,
             server_binary=server / "bin" / "tritonserver",
             backends=server / "backends",
-            stub=server
-            / "python_backend_stubs"
-            / found["version"]
-            / "triton_python_backend_stub",
+            stub=server / "python_backend_stubs" / found["version"] / "triton_python_backend_stub",
             # pytriton's get_libs_path: the wheel's bundled libraries lie beside the package.
             library_dirs=(
                 Path(found["libdir"]),
@@ -104,15 +97,9 @@ class TritonInstall:
             ),
             bin_dir=Path(found["exec_prefix"]) / "bin",
         )
-        missing = [
-            str(path)
-            for path in (install.server_binary, install.backends, install.stub)
-            if not path.exists()
-        ]
+        missing = [str(path) for path in (install.server_binary, install.backends, install.stub) if not path.exists()]
         if missing:
-            pytest.fail(
-                f"the nvidia-pytriton of {python} lacks {missing}; reinstall it (`make clean test`)"
-            )
+            pytest.fail(f"the nvidia-pytriton of {python} lacks {missing}; reinstall it (`make clean test`)")
         return install
 
 
@@ -143,9 +130,7 @@ def add_stand_in_model(
         if old in config:
             config = config.replace(old, new)
         elif old == _EXPORTED_PLATFORM or old.startswith("name:"):
-            raise ValueError(
-                f"{source / 'config.pbtxt'} has no line {old!r}: the export's format changed"
-            )
+            raise ValueError(f"{source / 'config.pbtxt'} has no line {old!r}: the export's format changed")
     target.mkdir(parents=True)
     (target / "config.pbtxt").write_text(config)
     for version in (path for path in source.iterdir() if path.is_dir()):
@@ -223,9 +208,7 @@ class TritonServer:
         # pytriton's layout: the bundled backends, with the stub for this interpreter inside the Python backend.
         backends = self.work_dir / "backends"
         shutil.copytree(self.install.backends, backends)
-        shutil.copy(
-            self.install.stub, backends / "python" / "triton_python_backend_stub"
-        )
+        shutil.copy(self.install.stub, backends / "python" / "triton_python_backend_stub")
         started = time.monotonic()
         with open(self.log_path, "wb") as log:
             # A session of its own, so stopping it reaches the stubs it starts too.
@@ -248,19 +231,12 @@ class TritonServer:
                 return
             time.sleep(0.1)
         self.stop()
-        pytest.fail(
-            f"tritonserver was not ready within {READY_TIMEOUT_S:g} s:\n{self.log_tail()}"
-        )
+        pytest.fail(f"tritonserver was not ready within {READY_TIMEOUT_S:g} s:\n{self.log_tail()}")
 
     def ready(self) -> bool:
         """Whether the server answers that it and every model are ready (Triton's HTTP health endpoint)."""
         try:
-            return (
-                httpx.get(
-                    f"http://127.0.0.1:{self.http_port}/v2/health/ready", timeout=1
-                ).status_code
-                == 200
-            )
+            return httpx.get(f"http://127.0.0.1:{self.http_port}/v2/health/ready", timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -283,9 +259,7 @@ class TritonServer:
             return
         started = time.monotonic()
         if self._process.poll() is None:
-            self._process.send_signal(
-                signal.SIGCONT
-            )  # a paused server cannot act on SIGTERM
+            self._process.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
             self._process.terminate()  # Triton unloads its models, which ends their stubs, and exits
             try:
                 self._process.wait(timeout=STOP_TIMEOUT_S)
@@ -296,9 +270,5 @@ class TritonServer:
             region.unlink(missing_ok=True)
 
     def log_tail(self) -> str:
-        text = (
-            self.log_path.read_text(errors="replace")
-            if self.log_path.exists()
-            else "(no log)"
-        )
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else "(no log)"
         return text[-LOG_TAIL_CHARS:]

@@ -22,12 +22,8 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         """Open `model.onnx` of this model version (the directory this file was copied into)."""
         config = json.loads(args["model_config"])
-        onnx_path = (
-            Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        )
-        self.session = onnxruntime.InferenceSession(
-            str(onnx_path), providers=["CPUExecutionProvider"]
-        )
+        onnx_path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
+        self.session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         self.input_names = [tensor["name"] for tensor in config["input"]]
         self.output_names = [tensor["name"] for tensor in config["output"]]
 
@@ -35,14 +31,8 @@ class TritonPythonModel:
         """One response per request; each request is run on its own, as it came from the client."""
         responses = []
         for request in requests:
-            feeds = {
-                name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()
-                for name in self.input_names
-            }
+            feeds = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names}
             results = self.session.run(self.output_names, feeds)
-            outputs = [
-                pb_utils.Tensor(name, result)
-                for name, result in zip(self.output_names, results)
-            ]
+            outputs = [pb_utils.Tensor(name, result) for name, result in zip(self.output_names, results)]
             responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
         return responses
