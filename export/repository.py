@@ -193,6 +193,7 @@ def export_model_repository(
             int8_min_cosine=onnx_export.INT8_MIN_COSINE,
         )
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+        _make_readable_by_all(staging)
         if repo_root.exists():
             shutil.rmtree(repo_root)
         staging.rename(repo_root)
@@ -200,6 +201,14 @@ def export_model_repository(
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def _make_readable_by_all(root: Path) -> None:
+    """rwxr-xr-x directories, rw-r--r-- files: mkdtemp's private 0700 would lock out the service's and
+    Triton's users (uid 10001, 1000) when the repository is copied into a volume."""
+    root.chmod(0o755)
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _encoder_config(name, platform, options: ExportOptions, embed_dim, tile_size_px, kind, cc_model_filenames=None, max_batch=None):

@@ -43,7 +43,7 @@ from service.metrics import ServiceMetrics
 from service.scheduler import BatchScheduler, ChunkCancelledError, ScheduledEncoder
 from service.settings import ServiceSettings
 from xmag.errors import XmagError
-from xmag.inference import SlideHeadsRuntime, TileEncoderRuntime
+from xmag.inference import SlideHeadsRuntime, TileEncoderRuntime, TritonEndpoint
 from xmag.model_repo import MANIFEST_FILE, ModelRepository, sha256_of
 from xmag.pipeline import SlideEvent, SlideResult, classify_slide
 from xmag.slide.tiling import TilingSpec
@@ -176,6 +176,7 @@ class Engine:
         self.metrics.queue_depth.set_function(lambda: self._queued)
         self.metrics.inflight.set_function(lambda: self._running)
         self.metrics.pending_tiles.set_function(lambda: self.scheduler.pending_tiles)
+        self.metrics.max_batch_size.set(max_batch_size)
         self.metrics.model.info(
             {"name": model.name, "version": str(model.version), "kind": model.kind, "encoder": model.encoder,
              "manifest_sha256": model.manifest_sha256 or ""}
@@ -198,8 +199,14 @@ class Engine:
         import torch
 
         probe_batch_size = min(64, settings.max_batch_size) if torch.cuda.is_available() else 4
+        triton = (
+            TritonEndpoint(settings.triton_url, settings.triton_model, settings.triton_timeout_s,
+                           settings.triton_ready_timeout_s)
+            if settings.encoder_backend == "triton"
+            else None
+        )
         selection = select_encoder_runtime(
-            repository, settings.encoder_backend, settings.precision, probe_batch_size=probe_batch_size
+            repository, settings.encoder_backend, settings.precision, probe_batch_size=probe_batch_size, triton=triton
         )
         measurements = [dataclasses.asdict(m) for m in selection.measurements]
         model = ModelDescription.of_repository(repository, selection.runtime.description, measurements)
@@ -241,6 +248,14 @@ class Engine:
     ) -> SlideJob:
         """Admit one slide or raise: NotReadyError, InvalidRequestError/UnknownTaskError,
         SlidePathForbiddenError, SlideNotFoundError, QueueFullError. Nothing is opened here."""
+        try:
+            return self._admit(slide_path, tasks, fallback_mpp, timeout_s, on_event)
+        except XmagError as refusal:
+            # Refused slides count among the outcomes, so that the dashboard's errors show 403s and 429s too.
+            self._record_outcome(refusal.code)
+            raise
+
+    def _admit(self, slide_path, tasks, fallback_mpp, timeout_s, on_event) -> SlideJob:
         if self._closing:
             raise NotReadyError("the service is shutting down")
         if not self._ready:
@@ -272,7 +287,8 @@ class Engine:
         return job
 
     def close(self, drain_timeout_s: float = 30.0) -> None:
-        """Refuse new slides, let admitted ones finish (up to `drain_timeout_s`), cancel the rest, stop."""
+        """Refuse new slides, let admitted ones finish (up to `drain_timeout_s`), cancel the rest, stop
+        (and close the encoder, where it has a `close`)."""
         self._closing = True
         self.metrics.ready.set(0)
         with self._lock:
@@ -284,6 +300,10 @@ class Engine:
             self._stop(job, NotReadyError("the service shut down before the slide finished"))
         self._pool.shutdown(wait=True)
         self.scheduler.stop()
+        # A remote encoder (Triton) holds a network channel; in-process runtimes have nothing to close.
+        close_encoder = getattr(self.scheduler.encoder, "close", None)
+        if close_encoder is not None:
+            close_encoder()
         if not_done:
             log.warning("shut down with %d slide(s) unfinished after %.0f s", len(not_done), drain_timeout_s)
 

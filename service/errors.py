@@ -19,6 +19,7 @@ from xmag.errors import (
     TooManyTilesError,
     XmagError,
 )
+from xmag.inference import EncoderRemoteError
 
 
 class SlidePathForbiddenError(XmagError):
@@ -93,6 +94,7 @@ STATUS_BY_ERROR: dict[type[XmagError], CallerStatus] = {
     QueueFullError: CallerStatus(429, "RESOURCE_EXHAUSTED"),
     SlideCancelledError: CallerStatus(499, "CANCELLED"),  # the caller went away; nobody reads this answer
     NotReadyError: CallerStatus(503, "UNAVAILABLE"),
+    EncoderRemoteError: CallerStatus(503, "UNAVAILABLE"),  # the Triton server failed or went away; retry
     SlideTimeoutError: CallerStatus(504, "DEADLINE_EXCEEDED"),
 }
 INTERNAL = CallerStatus(500, "INTERNAL")

@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.engine import Engine, EngineHolder, EngineResult, SlideJob
-from service.errors import INTERNAL, InvalidRequestError, NotReadyError, QueueFullError, status_of
+from service.errors import INTERNAL, InvalidRequestError, status_of
 from service.grpc_api import classifier_pb2 as pb
 from service.grpc_api import classifier_pb2_grpc as pb_grpc
 from service.metrics import ServiceMetrics
@@ -232,7 +232,7 @@ class SlideClassifierServicer(pb_grpc.SlideClassifierServicer):
         status, code, message = grpc_error_of(error)
         outcome["status"] = status.name
         metadata = [("xmag-error-code", code)]
-        if isinstance(error, (QueueFullError, NotReadyError)):
+        if getattr(error, "retry_after_s", None) is not None:
             metadata.append(("retry-after", str(error.retry_after_s)))
         await context.abort(status, message, trailing_metadata=tuple(metadata))
 

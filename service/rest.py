@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import schemas
 from service.engine import Engine, EngineHolder, EngineResult
-from service.errors import INTERNAL, NotReadyError, QueueFullError, status_of
+from service.errors import INTERNAL, status_of
 from service.metrics import ServiceMetrics
 from service.results import ResultStore
 from service.settings import ServiceSettings
@@ -52,7 +52,8 @@ def error_response(error: BaseException) -> JSONResponse:
     else:
         body = {"error": {"code": "internal", "message": "internal error; the server log has the details"}}
     headers = {}
-    if isinstance(error, (QueueFullError, NotReadyError)):
+    # Errors a caller should retry (queue full, not ready, Triton gone) say when.
+    if getattr(error, "retry_after_s", None) is not None:
         headers["Retry-After"] = str(error.retry_after_s)
     return JSONResponse(body, status_code=status, headers=headers)
 

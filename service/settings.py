@@ -35,8 +35,18 @@ class ServiceSettings(BaseSettings):
     )
 
     reader_backend: Literal["openslide", "cucim"] = "openslide"
-    encoder_backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = "auto"
+    encoder_backend: Literal["auto", "torch", "onnxruntime", "tensorrt", "triton"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
+    # Where encoder_backend "triton" sends tiles: many replicas can share a pool of Triton GPUs.
+    triton_url: str | None = Field(None, description="host:port of a Triton Inference Server's gRPC endpoint.")
+    triton_model: str | None = Field(
+        None, description="The encoder's model name in Triton; default: the repository's fp32 ONNX encoder."
+    )
+    triton_timeout_s: float = Field(30.0, gt=0, le=3600, description="Longest Triton may take to answer one batch.")
+    triton_ready_timeout_s: float = Field(
+        120.0, gt=0, le=3600,
+        description="How long Triton may take at start to be live with the model loaded (it may start beside us).",
+    )
 
     max_batch_size: int = Field(64, ge=1, le=4096, description="Most tiles per encoder batch, across slides.")
     read_batch_size: int = Field(16, ge=1, le=4096, description="Tiles a slide reads and hands in at a time.")
@@ -66,6 +76,19 @@ class ServiceSettings(BaseSettings):
         if short:
             raise ValueError(f"{len(short)} API key(s) are shorter than 16 characters; use long random keys")
         return keys
+
+    @field_validator("triton_url")
+    @classmethod
+    def _triton_url_is_host_port(cls, url: str | None) -> str | None:
+        if url is not None and ("://" in url or ":" not in url):
+            raise ValueError(f"triton_url must be host:port of Triton's gRPC endpoint (e.g. triton:8001), got {url!r}")
+        return url
+
+    @model_validator(mode="after")
+    def _triton_has_a_url(self) -> ServiceSettings:
+        if self.encoder_backend == "triton" and not self.triton_url:
+            raise ValueError("encoder_backend 'triton' needs triton_url (host:port of Triton's gRPC endpoint)")
+        return self
 
     @model_validator(mode="after")
     def _chunks_fit_batches(self) -> "ServiceSettings":

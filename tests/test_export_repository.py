@@ -124,6 +124,14 @@ def test_repository_verifies_and_runs(exported, slide_20x):
     assert set(result.predictions) == {"tumour", "subtype"}
 
 
+def test_repository_is_readable_by_other_users(exported):
+    # The service and Triton run as their own users on a copy of the repository in a volume.
+    repo = exported[0] / "repo"
+    modes = {path.relative_to(repo).as_posix(): path.stat().st_mode & 0o777 for path in [repo, *repo.rglob("*")]}
+    assert modes["."] == 0o755
+    assert all(mode == (0o755 if (repo / name).is_dir() else 0o644) for name, mode in modes.items()), modes
+
+
 @pytest.fixture
 def repo_copy(exported, tmp_path):
     root = exported[0]

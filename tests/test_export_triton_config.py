@@ -2,18 +2,20 @@
 
 The rendered text is parsed with protobuf's text-format parser against
 proto/triton/model_config.proto (Triton's field names and numbers), compiled here
-with grpc_tools. The parser rejects unknown fields and enum values, so a
-misspelt field in the renderer fails these tests.
+with grpc_tools, and against Triton's full schema as tritonclient ships it. The
+parser rejects unknown fields and enum values, so a misspelt field in the
+renderer fails these tests.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-from google.protobuf import text_format
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 from grpc_tools import protoc
+from tritonclient.grpc import model_config_pb2 as triton_model_config_pb2
 
 from export.triton_config import (
     DynamicBatching,
@@ -30,26 +32,36 @@ PROTO_DIR = Path(__file__).resolve().parents[1] / "proto" / "triton"
 
 @pytest.fixture(scope="module")
 def model_config_pb2(tmp_path_factory):
-    """The Python module protoc generates from our Triton model-config subset."""
-    out_dir = tmp_path_factory.mktemp("triton_proto")
+    """Our Triton model-config subset, compiled by protoc: its message classes and top-level enum values.
+
+    It is loaded into a pool of its own: tritonclient (the `triton` backend) puts Triton's full
+    model_config.proto, with the same file and message names, into protobuf's default pool.
+    """
+    descriptor_set = tmp_path_factory.mktemp("triton_proto") / "model_config.desc"
     status = protoc.main(
         [
             "grpc_tools.protoc",
             f"--proto_path={PROTO_DIR}",
-            f"--python_out={out_dir}",
+            f"--descriptor_set_out={descriptor_set}",
             str(PROTO_DIR / "model_config.proto"),
         ]
     )
     assert status == 0, "protoc could not compile proto/triton/model_config.proto"
-    generated = out_dir / "model_config_pb2.py"
-    spec = importlib.util.spec_from_file_location("model_config_pb2", generated)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    pool = descriptor_pool.DescriptorPool()
+    for file_proto in descriptor_pb2.FileDescriptorSet.FromString(descriptor_set.read_bytes()).file:
+        pool.Add(file_proto)
+    file = pool.FindFileByName("model_config.proto")
+    names = {name: message_factory.GetMessageClass(message) for name, message in file.message_types_by_name.items()}
+    for enum in file.enum_types_by_name.values():
+        names.update({value.name: value.number for value in enum.values})
+    return SimpleNamespace(**names)
 
 
 def parse(pb2, spec: ModelConfigSpec):
-    return text_format.Parse(render_model_config(spec), pb2.ModelConfig())
+    text = render_model_config(spec)
+    # Triton's full schema too, as tritonclient ships it: what a real server reads.
+    text_format.Parse(text, triton_model_config_pb2.ModelConfig())
+    return text_format.Parse(text, pb2.ModelConfig())
 
 
 def test_onnx_encoder_config_parses_as_triton_reads_it(model_config_pb2):
@@ -237,3 +249,26 @@ def _spec(**overrides) -> ModelConfigSpec:
 def test_invalid_specs_are_refused_with_a_clear_message(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_the_subset_agrees_with_tritons_full_schema(model_config_pb2):
+    # tritonclient carries Triton's own model_config.proto (its release's): every message, field and
+    # enum value of our subset must have upstream's name, number and type there.
+    def compare(ours, theirs, path):
+        for field in ours.fields:
+            upstream = theirs.fields_by_name.get(field.name)
+            assert upstream is not None, f"{path}.{field.name} is not in Triton's schema"
+            assert (field.number, field.type) == (upstream.number, upstream.type), f"{path}.{field.name}"
+        for enum in ours.enum_types:
+            upstream_values = {value.name: value.number for value in theirs.enum_types_by_name[enum.name].values}
+            assert {value.name: value.number for value in enum.values}.items() <= upstream_values.items(), path
+        for nested in ours.nested_types:
+            compare(nested, theirs.nested_types_by_name[nested.name], f"{path}.{nested.name}")
+
+    messages = {name: value for name, value in vars(model_config_pb2).items() if isinstance(value, type)}
+    assert {"ModelConfig", "ModelInput", "ModelOutput", "ModelInstanceGroup"} <= set(messages)
+    for name, message in messages.items():
+        compare(message.DESCRIPTOR, triton_model_config_pb2.DESCRIPTOR.message_types_by_name[name], name)
+    upstream_types = {value.name: value.number for value in triton_model_config_pb2.DataType.DESCRIPTOR.values}
+    assert model_config_pb2.TYPE_UINT8 == upstream_types["TYPE_UINT8"]
+    assert model_config_pb2.TYPE_FP32 == upstream_types["TYPE_FP32"]

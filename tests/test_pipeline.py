@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -19,7 +17,6 @@ from xmag.cli import app
 from xmag.errors import CorruptSlideError, TooManyTilesError
 from xmag.heatmap import render_attention_heatmap
 from xmag.inference import TorchSlideHeads, TorchTileEncoder
-from xmag.model_repo import load_model_repository
 from xmag.models.abmil import SlideHeads
 from xmag.models.checkpoints import save_encoder_checkpoint
 from xmag.models.encoder import build_tile_encoder

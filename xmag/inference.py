@@ -2,14 +2,17 @@
 
 The pipeline and the service only see `TileEncoderRuntime.encode(uint8 NHWC)
 -> float32 (B, D)` and `SlideHeadsRuntime.predict(features) -> {task:
-TaskOutput}`. An encoder runs on one of three backends:
+TaskOutput}`. An encoder runs on one of four backends:
 
 - torch (`TorchTileEncoder`): fp32 or bf16 autocast on the CPU; fp32, fp16
   or bf16 autocast on a CUDA GPU; from the repository's torch weights;
 - onnxruntime (`OnnxTileEncoder`): the fp32 ONNX graph on the CPU or on
   onnxruntime's TensorRT/CUDA providers, or the int8 graph on the CPU;
 - TensorRT (`TensorRTTileEncoder`): the FP16 `.plan` the export stage builds,
-  on the GPU and TensorRT release it was built for.
+  on the GPU and TensorRT release it was built for;
+- Triton (`TritonTileEncoder`): the exported repository served by an NVIDIA
+  Triton Inference Server, called over gRPC, so that many service replicas
+  can share a pool of GPUs. Only by explicit choice.
 
 How `select_encoder_runtime` chooses, by default: it builds every candidate
 this machine can run (with a CUDA GPU: the TensorRT plan if it matches the GPU
@@ -28,6 +31,11 @@ most two candidates are held at once. Every candidate, including those that
 cannot run here and why, is reported in `EncoderSelection.measurements`. An
 explicit backend and/or precision narrows the candidates to those and raises
 `EncoderBackendUnavailableError` when none can run here or none is correct.
+
+The `triton` backend is never measured against the others: the model the
+server names is the only candidate. It still encodes the probe, so a Triton
+serving another model (or running this one wrongly) is refused at start by
+the same cosine bound, and its tiles/s (over the network) is reported.
 
 A repository exported before it held torch weights has no torch candidates;
 its fp32 ONNX graph, which the export verified against torch fp32 (cosine
@@ -72,7 +80,7 @@ from xmag.tensorrt_runtime import (
 )
 
 TorchPrecision = Literal["fp32", "bf16", "fp16"]
-EncoderBackend = Literal["auto", "torch", "onnxruntime", "tensorrt"]
+EncoderBackend = Literal["auto", "torch", "onnxruntime", "tensorrt", "triton"]
 EncoderPrecision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 
 # Every backend must give embeddings at least this close (lowest cosine over the
@@ -90,6 +98,20 @@ class EncoderBackendUnavailableError(XmagError):
     """The encoder backend or precision asked for cannot run here, or none that can gives correct embeddings."""
 
 
+class EncoderRemoteError(XmagError):
+    """A remote encoder (a Triton Inference Server) failed, timed out or went away during a call.
+
+    The slide fails, not the service: the server may come back, so callers are
+    told to retry after `retry_after_s`.
+    """
+
+    code = "encoder_unavailable"
+
+    def __init__(self, message: str, retry_after_s: int = 5):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 @dataclass(frozen=True)
 class TaskOutput:
     label: str
@@ -99,7 +121,7 @@ class TaskOutput:
 
 class TileEncoderRuntime(Protocol):
     description: str  # e.g. "torch bf16 on cpu", "onnxruntime int8 (CPUExecutionProvider)", "tensorrt fp16 on cuda"
-    backend: str  # "torch", "onnxruntime" or "tensorrt"
+    backend: str  # "torch", "onnxruntime", "tensorrt" or "triton"
     precision: str  # "fp32", "bf16", "fp16" or "int8"
     tile_size_px: int
     embed_dim: int
@@ -318,6 +340,187 @@ class TensorRTTileEncoder:
         return embeddings.numpy()
 
 
+# Triton's names of the data types of the exported encoder's tensors (export/triton_config.py writes
+# TYPE_UINT8 tiles in, TYPE_FP32 embeddings out; model metadata names them without the TYPE_ prefix).
+TRITON_TILES_DATATYPE = "UINT8"
+TRITON_EMBEDDING_DATATYPE = "FP32"
+
+# gRPC channel options of the Triton client. No message size limit: a batch of 256 tiles is 38 MB (tritonclient's
+# own default too, which these replace). A short reconnect backoff: gRPC's grows to 120 s while a server is down,
+# and every slide fails at once until the channel reconnects, so a restarted Triton is tried again within 2 s.
+_TRITON_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+# How often the readiness wait asks Triton again, and the longest it waits for one answer.
+_TRITON_POLL_S = 0.25
+_TRITON_PROBE_TIMEOUT_S = 2.0
+
+
+class TritonTileEncoder:
+    """The exported encoder served by an NVIDIA Triton Inference Server, called over gRPC.
+
+    At construction it waits up to `ready_timeout_s` (default: `timeout_s`) for
+    the server at `url` ("host:port" of Triton's gRPC endpoint) to be live and
+    `model_name` to be ready, then checks the model's tensors are those `xmag export` writes
+    (uint8 NHWC tiles in, float32 embeddings out, batched); it raises
+    EncoderBackendUnavailableError naming the url and the model otherwise.
+    `encode` splits batches larger than the model's max_batch_size into
+    requests Triton accepts; a request that fails or takes longer than
+    `timeout_s` raises EncoderRemoteError. An instance serves one thread at a
+    time (the service's encoder stage is one thread); `close` ends its channel.
+    """
+
+    backend = "triton"
+
+    def __init__(
+        self,
+        url: str,
+        model_name: str,
+        tile_size_px: int,
+        embed_dim: int,
+        *,
+        precision: str = "fp32",
+        input_name: str = "tiles",
+        output_name: str = "embedding",
+        timeout_s: float = 30.0,
+        ready_timeout_s: float | None = None,
+    ):
+        from tritonclient.grpc import InferenceServerClient
+
+        self.url = url
+        self.model_name = model_name
+        self.precision = precision
+        self.tile_size_px = tile_size_px
+        self.embed_dim = embed_dim
+        self.input_name = input_name
+        self.output_name = output_name
+        self.timeout_s = timeout_s
+        self.description = f"triton {precision} ({model_name} at {url})"
+        self._client = InferenceServerClient(url, channel_args=_TRITON_CHANNEL_ARGS)
+        try:
+            self._wait_until_ready(timeout_s if ready_timeout_s is None else ready_timeout_s)
+            # Not named max_batch_size: the engine would cap its batches at that, and here they are split instead.
+            self.triton_max_batch_size = self._check_model_interface()
+        except BaseException:
+            self._client.close()
+            raise
+
+    def encode(self, tiles: np.ndarray) -> np.ndarray:
+        """(B, S, S, 3) uint8 RGB -> (B, D) float32, in requests of at most the model's max_batch_size, one after another."""
+        _check_tiles(tiles, self.tile_size_px)
+        step = self.triton_max_batch_size
+        parts = [self._infer(tiles[start : start + step]) for start in range(0, len(tiles), step)]
+        if not parts:
+            return np.empty((0, self.embed_dim), np.float32)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def close(self) -> None:
+        """Close the gRPC channel; later calls fail."""
+        self._client.close()
+
+    def _infer(self, tiles: np.ndarray) -> np.ndarray:
+        from tritonclient.grpc import InferInput, InferRequestedOutput
+        from tritonclient.utils import InferenceServerException
+
+        request = InferInput(self.input_name, list(tiles.shape), TRITON_TILES_DATATYPE)
+        request.set_data_from_numpy(np.ascontiguousarray(tiles))
+        try:
+            result = self._client.infer(
+                self.model_name, [request], outputs=[InferRequestedOutput(self.output_name)], client_timeout=self.timeout_s
+            )
+        except InferenceServerException as error:
+            raise EncoderRemoteError(
+                f"Triton at {self.url} did not encode {len(tiles)} tiles with model {self.model_name!r} "
+                f"(limit {self.timeout_s:g} s): {error}"
+            ) from error
+        embeddings = result.as_numpy(self.output_name)
+        if embeddings is None or embeddings.shape != (len(tiles), self.embed_dim):
+            shape = None if embeddings is None else embeddings.shape
+            raise EncoderRemoteError(
+                f"Triton at {self.url} answered {len(tiles)} tiles with {self.output_name!r} of shape {shape} "
+                f"from model {self.model_name!r}, expected {(len(tiles), self.embed_dim)}"
+            )
+        return embeddings
+
+    def _wait_until_ready(self, ready_timeout_s: float) -> None:
+        """Return once the server is live and the model ready; EncoderBackendUnavailableError at the deadline."""
+        from tritonclient.utils import InferenceServerException
+
+        deadline = time.monotonic() + ready_timeout_s
+        live, last_error = False, ""
+        while True:
+            wait_s = max(0.01, min(_TRITON_PROBE_TIMEOUT_S, deadline - time.monotonic()))
+            try:
+                live = self._client.is_server_live(client_timeout=wait_s)
+                if live and self._client.is_model_ready(self.model_name, client_timeout=wait_s):
+                    return
+            except InferenceServerException as error:
+                last_error = str(error)
+            if time.monotonic() + _TRITON_POLL_S > deadline:
+                break
+            time.sleep(_TRITON_POLL_S)
+        if not live:
+            raise EncoderBackendUnavailableError(
+                f"no Triton Inference Server answered at {self.url} within {ready_timeout_s:g} s"
+                f"{f' ({last_error})' if last_error else ''}; triton_url must be host:port of Triton's gRPC "
+                f"endpoint (8001 by default), and the server must be up"
+            )
+        raise EncoderBackendUnavailableError(
+            f"Triton at {self.url} is live, but model {self.model_name!r} was not ready within "
+            f"{ready_timeout_s:g} s: {self._model_state()}"
+        )
+
+    def _model_state(self) -> str:
+        """What Triton's repository index says of the model, for an error message."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            index = self._client.get_model_repository_index(client_timeout=_TRITON_PROBE_TIMEOUT_S).models
+        except InferenceServerException as error:
+            return f"its model index could not be read ({error})"
+        states = [f"{model.state or 'not loaded'}{f' ({model.reason})' if model.reason else ''}"
+                  for model in index if model.name == self.model_name]
+        if not states:
+            return f"the server has no such model; it has {sorted({model.name for model in index})}"
+        return "; ".join(states)
+
+    def _check_model_interface(self) -> int:
+        """The model's max_batch_size, once its tensors are those the export writes; EncoderBackendUnavailableError if not."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            metadata = self._client.get_model_metadata(self.model_name, client_timeout=self.timeout_s)
+            config = self._client.get_model_config(self.model_name, client_timeout=self.timeout_s).config
+        except InferenceServerException as error:
+            raise EncoderBackendUnavailableError(
+                f"Triton at {self.url} did not describe model {self.model_name!r}: {error}"
+            ) from error
+        # With batching on, Triton reports the batch dimension as -1 in front of the configured dims.
+        expected = (
+            [(self.input_name, TRITON_TILES_DATATYPE, [-1, self.tile_size_px, self.tile_size_px, 3])],
+            [(self.output_name, TRITON_EMBEDDING_DATATYPE, [-1, self.embed_dim])],
+        )
+        found = (
+            [(tensor.name, tensor.datatype, list(tensor.shape)) for tensor in metadata.inputs],
+            [(tensor.name, tensor.datatype, list(tensor.shape)) for tensor in metadata.outputs],
+        )
+        if found != expected or config.max_batch_size < 1:
+            raise EncoderBackendUnavailableError(
+                f"model {self.model_name!r} at Triton {self.url} is not this repository's tile encoder: it takes "
+                f"{_describe_tensors(found[0])} and gives {_describe_tensors(found[1])} with max_batch_size "
+                f"{config.max_batch_size}; `xmag export` writes {_describe_tensors(expected[0])} in, "
+                f"{_describe_tensors(expected[1])} out, batched (max_batch_size >= 1)"
+            )
+        return config.max_batch_size
+
+
+def _describe_tensors(tensors: list[tuple[str, str, list[int]]]) -> str:
+    return ", ".join(f"{name!r} {datatype} {shape}" for name, datatype, shape in tensors) or "nothing"
+
+
 class OnnxSlideHeads:
     """One exported head per task (features in, probabilities and attention out) run by onnxruntime."""
 
@@ -354,12 +557,22 @@ class EncoderSelection:
 
 
 @dataclass(frozen=True)
+class TritonEndpoint:
+    """Where the `triton` backend finds the encoder: a Triton server's gRPC endpoint and the model's name there."""
+
+    url: str  # "host:port"
+    model_name: str | None = None  # None: the repository's fp32 ONNX encoder, by its name in the manifest
+    timeout_s: float = 30.0  # for each inference call
+    ready_timeout_s: float = 120.0  # for the server to be live with the model ready, at start
+
+
+@dataclass(frozen=True)
 class _Candidate:
     """One way to run the encoder here, or why it cannot run: then `build` is None and `unavailable` says why."""
 
     backend: str
     precision: str
-    device: str  # "cpu" or "cuda"
+    device: str  # "cpu" or "cuda"; for triton, the server's "host:port"
     build: Callable[[], TileEncoderRuntime] | None
     unavailable: str = ""
 
@@ -395,6 +608,13 @@ class _RuntimeFactory:
         return TensorRTTileEncoder(
             self.repository.path_of(plan, ".plan"), self.spec.tile_size_px, self.spec.embed_dim,
             input_name=self.spec.input_name, output_name=self.spec.output_name,
+        )
+
+    def triton(self, endpoint: TritonEndpoint, model_name: str, precision: str) -> TritonTileEncoder:
+        return TritonTileEncoder(
+            endpoint.url, model_name, self.spec.tile_size_px, self.spec.embed_dim, precision=precision,
+            input_name=self.spec.input_name, output_name=self.spec.output_name, timeout_s=endpoint.timeout_s,
+            ready_timeout_s=endpoint.ready_timeout_s,
         )
 
 
@@ -478,6 +698,22 @@ def _encoder_candidates(factory: _RuntimeFactory, hardware: Hardware) -> list[_C
     ]
 
 
+def _triton_candidate(factory: _RuntimeFactory, endpoint: TritonEndpoint) -> _Candidate:
+    """The encoder as Triton serves it. Its precision is the manifest's for an artifact of that name, else unknown."""
+    artifacts = factory.repository.manifest.artifacts
+    model_name = endpoint.model_name or next(
+        (a.name for a in artifacts if a.role == "encoder" and a.runtime == "onnxruntime" and a.precision == "fp32"), None
+    )
+    if model_name is None:
+        return _Candidate(
+            "triton", "fp32", endpoint.url, None,
+            "the repository has no fp32 ONNX encoder to name the Triton model after; set triton_model",
+        )
+    artifact = next((a for a in artifacts if a.name == model_name and a.role == "encoder"), None)
+    precision = artifact.precision if artifact is not None else "unknown"
+    return _Candidate("triton", precision, endpoint.url, lambda: factory.triton(endpoint, model_name, precision))
+
+
 def _min_cosine(embeddings: np.ndarray, reference: np.ndarray) -> float:
     """The lowest per-tile cosine of two (B, D) arrays; NaN if either holds a non-finite value."""
     if embeddings.shape != reference.shape:
@@ -528,6 +764,7 @@ def select_encoder_runtime(
     *,
     probe_batch_size: int = 4,
     seed: int = 0,
+    triton: TritonEndpoint | None = None,
 ) -> EncoderSelection:
     """The fastest correct encoder runtime for this machine, and what was measured to choose it.
 
@@ -536,7 +773,9 @@ def select_encoder_runtime(
     are measured and chosen is in the module docstring. Raises
     EncoderBackendUnavailableError, naming each candidate's reason, when no
     candidate asked for can run here or none gives embeddings within
-    MIN_BACKEND_COSINE of torch fp32.
+    MIN_BACKEND_COSINE of torch fp32. Backend "triton" needs `triton` (where
+    the server is); its own errors (unreachable, not ready, another
+    interface) are raised as they are.
     """
     if backend not in get_args(EncoderBackend):
         raise ValueError(f"backend must be one of {get_args(EncoderBackend)}, got {backend!r}")
@@ -544,8 +783,10 @@ def select_encoder_runtime(
         raise ValueError(f"precision must be one of {get_args(EncoderPrecision)}, got {precision!r}")
     if probe_batch_size < 1:
         raise ValueError(f"probe_batch_size must be at least 1, got {probe_batch_size}")
+    if backend == "triton" and triton is None:
+        raise ValueError("the triton backend needs a TritonEndpoint: the url of Triton's gRPC endpoint")
     factory = _RuntimeFactory(repository)
-    offered = _encoder_candidates(factory, detect_hardware())
+    offered = [_triton_candidate(factory, triton)] if backend == "triton" else _encoder_candidates(factory, detect_hardware())
     candidates = [c for c in offered if backend in ("auto", c.backend) and precision in ("auto", c.precision)]
     asked = " ".join(word for word in (backend, precision) if word != "auto")  # "" when both are auto
     if not candidates:
@@ -573,7 +814,9 @@ def select_encoder_runtime(
         try:
             runtime = candidate.build()
             tiles_per_s, cosine = _measure(runtime, probe, reference)
-        except Exception as error:  # noqa: BLE001 - a backend that fails on this machine must not stop the others
+        except Exception as error:  # a backend that fails on this machine must not stop the others
+            if candidate.backend == "triton":
+                raise  # the only candidate; its error names the server and the model, and says what is wrong
             measurements.append(
                 BackendMeasurement(candidate.description, candidate.backend, candidate.precision, None, None, False,
                                    f"failed: {type(error).__name__}: {error}")
@@ -581,9 +824,11 @@ def select_encoder_runtime(
             continue
         # Written so that a NaN cosine (non-finite embeddings) is rejected too.
         correct = cosine >= MIN_BACKEND_COSINE
+        note = "" if correct else f"cosine {cosine:.4f} < {MIN_BACKEND_COSINE}"
+        if not correct and candidate.backend == "triton":
+            note += ": the server's model is not this repository's encoder, or does not run it correctly"
         measurements.append(
-            BackendMeasurement(runtime.description, candidate.backend, candidate.precision, tiles_per_s, cosine, False,
-                               "" if correct else f"cosine {cosine:.4f} < {MIN_BACKEND_COSINE}")
+            BackendMeasurement(runtime.description, candidate.backend, candidate.precision, tiles_per_s, cosine, False, note)
         )
         if correct and tiles_per_s > best_tiles_per_s:
             best, best_index, best_tiles_per_s = runtime, len(measurements) - 1, tiles_per_s
