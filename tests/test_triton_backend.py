@@ -11,6 +11,7 @@ its own.
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 
 import httpx
@@ -115,11 +116,11 @@ def _min_cosine(actual, expected) -> float:
     return float(np.min((actual * expected).sum(1) / np.linalg.norm(actual, axis=1) / np.linalg.norm(expected, axis=1)))
 
 
-def _requests_served(server: TritonServer, model_name: str) -> int:
-    """How many inference requests Triton has completed for the model (its own statistics)."""
+def _served(server: TritonServer, model_name: str) -> tuple[int, int]:
+    """(requests completed, tiles run) for the model, from Triton's own statistics."""
     with tritonclient.grpc.InferenceServerClient(server.url) as client:
         (stats,) = client.get_inference_statistics(model_name).model_stats
-    return stats.inference_stats.success.count
+    return stats.inference_stats.success.count, stats.inference_count
 
 
 def test_the_checked_interface_is_the_one_the_export_writes(lesion_model):
@@ -172,9 +173,9 @@ def test_batches_larger_than_the_models_max_batch_size_are_split(triton, other_r
     runtime = TritonTileEncoder(triton.url, OTHER_ENCODER, TILE_SIZE_PX, EMBED_DIM)
     try:
         assert runtime.triton_max_batch_size == OTHER_MAX_BATCH_SIZE
-        before = _requests_served(triton, OTHER_ENCODER)
+        requests_before, _ = _served(triton, OTHER_ENCODER)
         actual = runtime.encode(tiles)
-        assert _requests_served(triton, OTHER_ENCODER) - before == 3  # 8 + 8 + 4 tiles
+        assert _served(triton, OTHER_ENCODER)[0] - requests_before == 3  # 8 + 8 + 4 tiles
     finally:
         runtime.close()
     expected = _onnx_fp32(other_repository.root, OTHER_ENCODER).encode(tiles)
@@ -189,7 +190,7 @@ def _classify(base_url: str, slide_path) -> httpx.Response:
     )
 
 
-def test_the_service_on_triton_answers_as_the_in_process_onnxruntime_service(triton, lesion_model):
+def test_two_services_sharing_one_triton_answer_as_the_in_process_onnxruntime_service(triton, lesion_model):
     common = {
         "model_repo": lesion_model.repository,
         "slide_roots": [lesion_model.slides_dir],
@@ -200,12 +201,17 @@ def test_the_service_on_triton_answers_as_the_in_process_onnxruntime_service(tri
         create_app(service_settings(**common, encoder_backend="onnxruntime", precision="fp32"))
     ) as base_url:
         expected = _classify(base_url, slide)
-    with running_service(
-        create_app(service_settings(**common, encoder_backend="triton", triton_url=triton.url))
-    ) as base_url:
-        answer = _classify(base_url, slide)
-        models = httpx.get(f"{base_url}/v1/models").json()
-    assert expected.status_code == answer.status_code == 200, answer.text
+    # Two replicas on one Triton, as in the pool topology, each classifying the slide at the same time.
+    triton_settings = service_settings(**common, encoder_backend="triton", triton_url=triton.url)
+    _, tiles_before = _served(triton, LESION_ENCODER)
+    with running_service(create_app(triton_settings)) as replica_a, running_service(create_app(triton_settings)) as replica_b:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            answer, answer_b = pool.map(lambda base_url: _classify(base_url, slide), (replica_a, replica_b))
+        models = httpx.get(f"{replica_a}/v1/models").json()
+    assert expected.status_code == answer.status_code == answer_b.status_code == 200, answer.text + answer_b.text
+    assert answer.json()["predictions"] == answer_b.json()["predictions"]
+    # Both replicas' tiles went through Triton (their start-up probes too).
+    assert _served(triton, LESION_ENCODER)[1] - tiles_before >= 2 * answer.json()["slide"]["tile_count"]
 
     # The probe ran against torch fp32, and the one measurement is what /v1/models shows.
     (measurement,) = models["backend_measurements"]
