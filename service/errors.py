@@ -15,6 +15,7 @@ from xmag.errors import (
     MissingResolutionError,
     NoTissueError,
     NotASlideError,
+    RetryLaterError,
     SlideNotFoundError,
     TooManyTilesError,
     XmagError,
@@ -38,24 +39,19 @@ class UnknownTaskError(InvalidRequestError):
     code = "unknown_task"
 
 
-class QueueFullError(XmagError):
+class QueueFullError(RetryLaterError):
     """Too many slides are admitted already; the caller should retry after `retry_after_s`."""
 
     code = "queue_full"
 
     def __init__(self, message: str, retry_after_s: int):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+        super().__init__(message, retry_after_s)  # no default: the engine estimates it from recent slides
 
 
-class NotReadyError(XmagError):
+class NotReadyError(RetryLaterError):
     """The model is still loading or warming up, or the service is shutting down."""
 
     code = "not_ready"
-
-    def __init__(self, message: str, retry_after_s: int = 5):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class SlideTimeoutError(XmagError):

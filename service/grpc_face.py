@@ -27,7 +27,7 @@ from service.grpc_api import classifier_pb2 as pb
 from service.grpc_api import classifier_pb2_grpc as pb_grpc
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
-from xmag.errors import XmagError
+from xmag.errors import RetryLaterError, XmagError
 from xmag.pipeline import SlideEvent
 
 log = logging.getLogger("xmag.grpc")
@@ -232,7 +232,7 @@ class SlideClassifierServicer(pb_grpc.SlideClassifierServicer):
         status, code, message = grpc_error_of(error)
         outcome["status"] = status.name
         metadata = [("xmag-error-code", code)]
-        if getattr(error, "retry_after_s", None) is not None:
+        if isinstance(error, RetryLaterError):
             metadata.append(("retry-after", str(error.retry_after_s)))
         await context.abort(status, message, trailing_metadata=tuple(metadata))
 

@@ -27,7 +27,7 @@ from service.metrics import ServiceMetrics
 from service.results import ResultStore
 from service.settings import ServiceSettings
 from xmag import __version__
-from xmag.errors import XmagError
+from xmag.errors import RetryLaterError, XmagError
 
 log = logging.getLogger("xmag.rest")
 
@@ -52,8 +52,7 @@ def error_response(error: BaseException) -> JSONResponse:
     else:
         body = {"error": {"code": "internal", "message": "internal error; the server log has the details"}}
     headers = {}
-    # Errors a caller should retry (queue full, not ready, Triton gone) say when.
-    if getattr(error, "retry_after_s", None) is not None:
+    if isinstance(error, RetryLaterError):  # queue full, not ready, Triton gone
         headers["Retry-After"] = str(error.retry_after_s)
     return JSONResponse(body, status_code=status, headers=headers)
 

@@ -20,6 +20,19 @@ class XmagError(Exception):
     code = "error"
 
 
+class RetryLaterError(XmagError):
+    """A failure that passes: the caller should try again after `retry_after_s` seconds.
+
+    The faces say so to the caller (REST's Retry-After header, gRPC's retry-after metadata).
+    """
+
+    code = "retry_later"
+
+    def __init__(self, message: str, retry_after_s: int = 5):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class SlideError(XmagError):
     """A problem with one slide; `slide_path` names it for the caller (not for logs)."""
 

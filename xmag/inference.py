@@ -57,7 +57,7 @@ from typing import Literal, Protocol, get_args
 import numpy as np
 import torch
 
-from xmag.errors import XmagError
+from xmag.errors import RetryLaterError, XmagError
 from xmag.model_repo import (
     Artifact,
     Hardware,
@@ -98,7 +98,7 @@ class EncoderBackendUnavailableError(XmagError):
     """The encoder backend or precision asked for cannot run here, or none that can gives correct embeddings."""
 
 
-class EncoderRemoteError(XmagError):
+class EncoderRemoteError(RetryLaterError):
     """A remote encoder (a Triton Inference Server) failed, timed out or went away during a call.
 
     The slide fails, not the service: the server may come back, so callers are
@@ -106,10 +106,6 @@ class EncoderRemoteError(XmagError):
     """
 
     code = "encoder_unavailable"
-
-    def __init__(self, message: str, retry_after_s: int = 5):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
