@@ -23,13 +23,13 @@ from triton_support import (
     TritonInstall,
     TritonServer,
     add_stand_in_model,
-    free_port,
     triton_python,
 )
 from typer.testing import CliRunner
 
 from export import triton_config
 from export.repository import ExportOptions, export_model_repository
+from service.demo import free_loopback_port
 from service.engine import Engine
 from service.errors import CallerStatus, status_of
 from service.rest import create_app
@@ -270,7 +270,7 @@ def test_a_model_triton_does_not_have_is_named_with_those_it_has(triton):
 
 
 def test_an_unreachable_triton_fails_within_its_deadline_saying_where(lesion_model):
-    url = f"127.0.0.1:{free_port()}"
+    url = f"127.0.0.1:{free_loopback_port()}"
     started = time.monotonic()
     with pytest.raises(
         EncoderBackendUnavailableError,

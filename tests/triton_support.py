@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from service.demo import free_loopback_port
 
 TRITON_PYTHON_ENV = "XMAG_TRITON_PYTHON"
 STAND_IN_MODEL = Path(__file__).parent / "triton_stand_in" / "model.py"
@@ -139,13 +140,6 @@ def add_stand_in_model(
         shutil.copy(STAND_IN_MODEL, target / version.name / "model.py")
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class TritonServer:
     """A tritonserver process serving `model_repository` on free loopback ports; a context manager.
 
@@ -161,9 +155,9 @@ class TritonServer:
         self.work_dir = work_dir
         self.log_path = work_dir / "tritonserver.log"
         self.grpc_port, self.http_port, self.metrics_port = (
-            free_port(),
-            free_port(),
-            free_port(),
+            free_loopback_port(),
+            free_loopback_port(),
+            free_loopback_port(),
         )
         self.url = f"127.0.0.1:{self.grpc_port}"  # what the encoder backend is given: Triton's gRPC endpoint
         self.shm_prefix = f"xmag-test-{uuid.uuid4().hex[:8]}-"
