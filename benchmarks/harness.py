@@ -48,11 +48,26 @@ CONFIGS = {
     config.name: config
     for config in (
         BenchConfig("xmag", "XMAG ViT-B/14, 5x, 224 px", "xmag_vitb14", "tiny_dinov2", XMAG_5X, "ours", PAPER["xmag"]),
-        BenchConfig("uni2h", "UNI2-h ViT-H/14 reg8, 20x, 256 px → 224", "uni2h", "tiny_uni2h", UNI2H_20X, "ours", PAPER["uni2h"]),
-        BenchConfig("phikon", "Phikon ViT-B/16, 20x, 256 px → 224", "phikon_vitb16", "tiny_dinov2", PHIKON_20X, "ours", PAPER["phikon"]),
         BenchConfig(
-            "naive_xmag", "XMAG, naive: read_region per tile, torch fp32, no overlap", "xmag_vitb14", "tiny_dinov2",
-            XMAG_5X, "naive", None,
+            "uni2h", "UNI2-h ViT-H/14 reg8, 20x, 256 px → 224", "uni2h", "tiny_uni2h", UNI2H_20X, "ours", PAPER["uni2h"]
+        ),
+        BenchConfig(
+            "phikon",
+            "Phikon ViT-B/16, 20x, 256 px → 224",
+            "phikon_vitb16",
+            "tiny_dinov2",
+            PHIKON_20X,
+            "ours",
+            PAPER["phikon"],
+        ),
+        BenchConfig(
+            "naive_xmag",
+            "XMAG, naive: read_region per tile, torch fp32, no overlap",
+            "xmag_vitb14",
+            "tiny_dinov2",
+            XMAG_5X,
+            "naive",
+            None,
         ),
     )
 }
@@ -107,8 +122,15 @@ def _encoder_for(config: BenchConfig, architecture: str, quick: bool, device: st
     return TorchTileEncoder(build_tile_encoder(architecture, seed=0), precision, device)
 
 
-def run_config(config: BenchConfig, slide_paths: list[str], batch_size: int, reader_threads: int,
-               max_tiles: int | None, quick: bool, backend: str) -> dict:
+def run_config(
+    config: BenchConfig,
+    slide_paths: list[str],
+    batch_size: int,
+    reader_threads: int,
+    max_tiles: int | None,
+    quick: bool,
+    backend: str,
+) -> dict:
     """Measure one configuration on every slide; returns the JSON-ready result."""
     import torch
 
@@ -121,7 +143,9 @@ def run_config(config: BenchConfig, slide_paths: list[str], batch_size: int, rea
     encoder = _encoder_for(config, architecture, quick, device)
     load_s = time.perf_counter() - started
     torch.manual_seed(0)
-    heads = TorchSlideHeads(SlideHeads({"bench": GatedABMIL(in_dim=encoder.embed_dim, num_classes=2)}, {"bench": ["a", "b"]}))
+    heads = TorchSlideHeads(
+        SlideHeads({"bench": GatedABMIL(in_dim=encoder.embed_dim, num_classes=2)}, {"bench": ["a", "b"]})
+    )
     warm = np.zeros((min(batch_size, 8), encoder.tile_size_px, encoder.tile_size_px, 3), np.uint8)
     encoder.encode(warm)  # first-call costs (kernel choice, allocation) are not throughput
 
@@ -135,11 +159,20 @@ def run_config(config: BenchConfig, slide_paths: list[str], batch_size: int, rea
             from xmag.pipeline import classify_slide
 
             result = classify_slide(
-                path, encoder, heads, spec=config.spec, backend=backend, batch_size=batch_size,
-                num_workers=reader_threads, max_tiles_encoded=max_tiles,
+                path,
+                encoder,
+                heads,
+                spec=config.spec,
+                backend=backend,
+                batch_size=batch_size,
+                num_workers=reader_threads,
+                max_tiles_encoded=max_tiles,
             )
-            measured = {"tile_count": result.facts.tile_count, "tiles_encoded": result.facts.tiles_encoded,
-                        "timings_s": result.timings_s}
+            measured = {
+                "tile_count": result.facts.tile_count,
+                "tiles_encoded": result.facts.tiles_encoded,
+                "timings_s": result.timings_s,
+            }
         slides.append(scale_to_full_grid(Path(path).name, measured))
 
     seconds = [slide["seconds"] for slide in slides]
@@ -203,16 +236,33 @@ class BenchRun:
     max_tiles: int | None
 
 
-def run_benchmark(runs: list[BenchRun], output_dir: Path, *, batch_size: int, reader_threads: int, quick: bool,
-                  backend: str, say=print) -> dict:
+def run_benchmark(
+    runs: list[BenchRun],
+    output_dir: Path,
+    *,
+    batch_size: int,
+    reader_threads: int,
+    quick: bool,
+    backend: str,
+    say=print,
+) -> dict:
     """Run each configuration in a child process and write results.json, results.md and the plots."""
     results = []
     for run in runs:
         config = CONFIGS[run.config]
-        say(f"running {config.label} on {len(run.slide_paths)} {run.scan_magnification}x slide(s)"
-            + (f", first {run.max_tiles} tiles per slide, extrapolated" if run.max_tiles else ""))
-        arguments = {"config": run.config, "slides": list(run.slide_paths), "batch_size": batch_size,
-                     "reader_threads": reader_threads, "max_tiles": run.max_tiles, "quick": quick, "backend": backend}
+        say(
+            f"running {config.label} on {len(run.slide_paths)} {run.scan_magnification}x slide(s)"
+            + (f", first {run.max_tiles} tiles per slide, extrapolated" if run.max_tiles else "")
+        )
+        arguments = {
+            "config": run.config,
+            "slides": list(run.slide_paths),
+            "batch_size": batch_size,
+            "reader_threads": reader_threads,
+            "max_tiles": run.max_tiles,
+            "quick": quick,
+            "backend": backend,
+        }
         completed = subprocess.run(
             [sys.executable, "-m", "benchmarks.harness", json.dumps(arguments)], capture_output=True, text=True
         )
@@ -222,8 +272,10 @@ def run_benchmark(runs: list[BenchRun], output_dir: Path, *, batch_size: int, re
         result["scan_magnification"] = run.scan_magnification
         if run.scan_magnification != 20:
             result["label"] += f" ({run.scan_magnification}x scans)"
-        say(f"  {result['slides_per_minute']:.3g} slides/min, {result['tiles_per_second']:.3g} tiles/s, "
-            f"{result['tiles_per_slide']:.0f} tiles/slide{' (extrapolated)' if result['extrapolated'] else ''}")
+        say(
+            f"  {result['slides_per_minute']:.3g} slides/min, {result['tiles_per_second']:.3g} tiles/s, "
+            f"{result['tiles_per_slide']:.0f} tiles/slide{' (extrapolated)' if result['extrapolated'] else ''}"
+        )
         results.append(result)
 
     from benchmarks.report import comparisons, write_report
@@ -246,12 +298,16 @@ class BenchmarkError(RuntimeError):
 def _child_main(arguments: dict) -> None:
     config = CONFIGS[arguments["config"]]
     result = run_config(
-        config, arguments["slides"], arguments["batch_size"], arguments["reader_threads"], arguments["max_tiles"],
-        arguments["quick"], arguments["backend"],
+        config,
+        arguments["slides"],
+        arguments["batch_size"],
+        arguments["reader_threads"],
+        arguments["max_tiles"],
+        arguments["quick"],
+        arguments["backend"],
     )
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
     _child_main(json.loads(sys.argv[1]))
-

@@ -37,14 +37,16 @@ def naive_classify(slide_path: str, encoder, heads, spec: TilingSpec, batch_size
     try:
         for start in range(0, len(coords), batch_size):
             started = time.perf_counter()
-            tiles = np.stack([
-                np.asarray(
-                    slide.read_region((int(x), int(y)), grid.read_level, (grid.read_size_px, grid.read_size_px))
-                    .convert("RGB")
-                    .resize((spec.output_px, spec.output_px), Image.Resampling.BILINEAR)
-                )
-                for x, y in coords[start : start + batch_size]
-            ])
+            tiles = np.stack(
+                [
+                    np.asarray(
+                        slide.read_region((int(x), int(y)), grid.read_level, (grid.read_size_px, grid.read_size_px))
+                        .convert("RGB")
+                        .resize((spec.output_px, spec.output_px), Image.Resampling.BILINEAR)
+                    )
+                    for x, y in coords[start : start + batch_size]
+                ]
+            )
             read_s += time.perf_counter() - started
             started = time.perf_counter()
             features.append(encoder.encode(tiles))

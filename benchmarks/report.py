@@ -32,8 +32,11 @@ def markdown_table(report: dict) -> str:
         "",
         f"Hardware: {hardware['cpu']}, {hardware['cpu_cores']} cores, {hardware['memory_gib']} GiB; "
         f"GPU: {hardware['gpu'] or 'none'}; torch {hardware['torch']}. Written {report['written_at']}.",
-        ("Tiny stand-in models, so the figures say nothing about speed. " if report["quick"] else
-         "Random weights at the true architectures (speed does not depend on the weights). ")
+        (
+            "Tiny stand-in models, so the figures say nothing about speed. "
+            if report["quick"]
+            else "Random weights at the true architectures (speed does not depend on the weights). "
+        )
         + "Figures marked * are extrapolated from the first tiles of each slide.",
         "",
         "| configuration | encoder | tiles/slide | slides/min | tiles/s | s/slide | open | tissue | read wait | encode | heads | peak host GiB | paper slides/min |",
@@ -53,12 +56,16 @@ def markdown_table(report: dict) -> str:
     ratios = report["comparisons"]
     lines.append("")
     if "xmag_over_uni2h" in ratios:
-        lines.append(f"XMAG over UNI2-h: **{ratios['xmag_over_uni2h']:.1f}×** slides per minute "
-                     f"(the paper: {ratios['paper_xmag_over_uni2h']:.1f}×).")
+        lines.append(
+            f"XMAG over UNI2-h: **{ratios['xmag_over_uni2h']:.1f}×** slides per minute "
+            f"(the paper: {ratios['paper_xmag_over_uni2h']:.1f}×)."
+        )
     if "ours_over_naive" in ratios:
         lines.append(f"Our pipeline over the naive one, XMAG: **{ratios['ours_over_naive']:.1f}×**.")
     if "xmag_over_paper_xmag" in ratios:
-        lines.append(f"XMAG here against the paper's {PAPER['xmag']:.1f} slides/min: {ratios['xmag_over_paper_xmag']:.2f}×.")
+        lines.append(
+            f"XMAG here against the paper's {PAPER['xmag']:.1f} slides/min: {ratios['xmag_over_paper_xmag']:.2f}×."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -81,13 +88,17 @@ def write_plots(report: dict, output_dir: Path) -> list[Path]:
         axes.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=9)
         paper = result["paper_slides_per_minute"]
         if paper is not None:
-            axes.hlines(paper, bar.get_x() - 0.05, bar.get_x() + bar.get_width() + 0.05, colors="black", linestyles="--")
+            axes.hlines(
+                paper, bar.get_x() - 0.05, bar.get_x() + bar.get_width() + 0.05, colors="black", linestyles="--"
+            )
             axes.annotate(f"paper {paper:.2f}", (bar.get_x() + bar.get_width(), paper), fontsize=8, va="bottom")
     axes.set_yscale("log")
     axes.set_xticks(range(len(results)), labels, fontsize=8)
     axes.set_ylabel("slides per minute (log scale)")
-    axes.set_title(f"Whole pipeline, slides per minute — {where}\n(* extrapolated from a tile subset; dashed: the paper's A100 figures)",
-                   fontsize=10)
+    axes.set_title(
+        f"Whole pipeline, slides per minute — {where}\n(* extrapolated from a tile subset; dashed: the paper's A100 figures)",
+        fontsize=10,
+    )
     figure.tight_layout()
     throughput = output_dir / "slides_per_minute.png"
     figure.savefig(throughput, dpi=120)
@@ -102,12 +113,15 @@ def write_plots(report: dict, output_dir: Path) -> list[Path]:
         axes.bar(range(len(results)), shares, bottom=bottoms, label=stage)
         bottoms = [b + h for b, h in zip(bottoms, shares)]
     for index, (total, result) in enumerate(zip(totals, results)):
-        axes.annotate(f"{total:.3g} s/slide{'*' if result['extrapolated'] else ''}", (index, 101), ha="center", fontsize=8)
+        axes.annotate(
+            f"{total:.3g} s/slide{'*' if result['extrapolated'] else ''}", (index, 101), ha="center", fontsize=8
+        )
     axes.set_ylim(0, 110)
     axes.set_xticks(range(len(results)), labels, fontsize=8)
     axes.set_ylabel("share of the time per slide (%)")
-    axes.set_title(f"Where a slide's time goes — {where}\n(read = time the encoder waited for tiles; * extrapolated)",
-                   fontsize=10)
+    axes.set_title(
+        f"Where a slide's time goes — {where}\n(read = time the encoder waited for tiles; * extrapolated)", fontsize=10
+    )
     axes.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     breakdown = output_dir / "stage_breakdown.png"

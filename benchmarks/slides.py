@@ -28,7 +28,10 @@ class BenchmarkSlide:
 
 
 def ensure_benchmark_slides(
-    directory: Path, count: int, magnifications: tuple[int, ...] = (20,), quick: bool = False,
+    directory: Path,
+    count: int,
+    magnifications: tuple[int, ...] = (20,),
+    quick: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> list[BenchmarkSlide]:
     """`count` glasses at each base magnification, written once under `directory` and reused afterwards."""
@@ -45,11 +48,13 @@ def ensure_benchmark_slides(
                 if progress is not None:
                     progress(f"generating benchmark slide {path} (once; cached afterwards)")
                 make_synthetic_slide(
-                    path, width_px=int(width_um / mpp), height_px=int(height_um / mpp),
-                    base_magnification=magnification, seed=seed, n_lesions=2,
+                    path,
+                    width_px=int(width_um / mpp),
+                    height_px=int(height_um / mpp),
+                    base_magnification=magnification,
+                    seed=seed,
+                    n_lesions=2,
                 )
                 done_marker.touch()
             slides.append(BenchmarkSlide(name, path, magnification))
     return slides
-
-

@@ -111,13 +111,29 @@ def export_model_repository(
     try:
         artifacts: list[Artifact] = []
 
-        def add_model(name: str, role: str, task: str | None, runtime: str, precision: str, parity: Parity | None,
-                      config_text: str, usable: bool = True, **extra) -> None:
+        def add_model(
+            name: str,
+            role: str,
+            task: str | None,
+            runtime: str,
+            precision: str,
+            parity: Parity | None,
+            config_text: str,
+            usable: bool = True,
+            **extra,
+        ) -> None:
             (staging / name / "config.pbtxt").write_text(config_text)
             artifacts.append(
                 Artifact(
-                    name=name, role=role, task=task, runtime=runtime, precision=precision,
-                    files=_file_records(staging, staging / name), parity=parity, usable=usable, **extra,
+                    name=name,
+                    role=role,
+                    task=task,
+                    runtime=runtime,
+                    precision=precision,
+                    files=_file_records(staging, staging / name),
+                    parity=parity,
+                    usable=usable,
+                    **extra,
                 )
             )
 
@@ -126,48 +142,100 @@ def export_model_repository(
         torch_path = staging / f"{torch_name}.safetensors"
         save_encoder_checkpoint(vit, torch_path)
         artifacts.append(
-            Artifact(name=torch_name, role="encoder", runtime="torch", precision="fp32", files=[_file_record(staging, torch_path)])
+            Artifact(
+                name=torch_name,
+                role="encoder",
+                runtime="torch",
+                precision="fp32",
+                files=[_file_record(staging, torch_path)],
+            )
         )
 
         encoder_path = staging / model_name / version / "model.onnx"
         onnx_export.export_encoder(encoder, encoder_path)
         parity = onnx_export.encoder_parity(encoder, encoder_path)
         onnx_export.check_fp32_parity(parity, f"encoder {model_name}")
-        add_model(model_name, "encoder", None, "onnxruntime", "fp32", parity,
-                  _encoder_config(model_name, triton_config.ONNX_PLATFORM, options, vit.embed_dim, encoder.tile_size_px, "KIND_GPU"))
+        add_model(
+            model_name,
+            "encoder",
+            None,
+            "onnxruntime",
+            "fp32",
+            parity,
+            _encoder_config(
+                model_name, triton_config.ONNX_PLATFORM, options, vit.embed_dim, encoder.tile_size_px, "KIND_GPU"
+            ),
+        )
 
         if options.int8:
             int8_name = f"{model_name}_int8"
             int8_path = staging / int8_name / version / "model.onnx"
             onnx_export.quantize_encoder_int8(encoder_path, int8_path)
             int8_parity = onnx_export.encoder_parity(encoder, int8_path)
-            add_model(int8_name, "encoder", None, "onnxruntime", "int8", int8_parity,
-                      _encoder_config(int8_name, triton_config.ONNX_PLATFORM, options, vit.embed_dim, encoder.tile_size_px, "KIND_CPU"),
-                      usable=int8_parity.min_cosine >= onnx_export.INT8_MIN_COSINE)
+            add_model(
+                int8_name,
+                "encoder",
+                None,
+                "onnxruntime",
+                "int8",
+                int8_parity,
+                _encoder_config(
+                    int8_name, triton_config.ONNX_PLATFORM, options, vit.embed_dim, encoder.tile_size_px, "KIND_CPU"
+                ),
+                usable=int8_parity.min_cosine >= onnx_export.INT8_MIN_COSINE,
+            )
 
         if options.tensorrt:
             trt_name = f"{model_name}_trt"
             plan_path = tensorrt_build.build_tensorrt_engine(
-                encoder_path, staging / trt_name / version,
-                min_batch=options.tensorrt_min_batch, opt_batch=options.tensorrt_opt_batch, max_batch=options.tensorrt_max_batch,
+                encoder_path,
+                staging / trt_name / version,
+                min_batch=options.tensorrt_min_batch,
+                opt_batch=options.tensorrt_opt_batch,
+                max_batch=options.tensorrt_max_batch,
             )
             compute_capability, tensorrt_version = tensorrt_build.parse_engine_filename(plan_path.name)
             trt_parity = tensorrt_build.check_engine_parity(plan_path, encoder_path)
             cc_text = f"{compute_capability[0]}.{compute_capability[1]}"
-            add_model(trt_name, "encoder", None, "tensorrt", "fp16", Parity(reference="onnxruntime-fp32", **trt_parity),
-                      _encoder_config(trt_name, triton_config.TENSORRT_PLATFORM, options, vit.embed_dim, encoder.tile_size_px, "KIND_GPU",
-                                      cc_model_filenames={cc_text: plan_path.name}, max_batch=options.tensorrt_max_batch),
-                      compute_capability=cc_text, tensorrt_version=tensorrt_version)
+            add_model(
+                trt_name,
+                "encoder",
+                None,
+                "tensorrt",
+                "fp16",
+                Parity(reference="onnxruntime-fp32", **trt_parity),
+                _encoder_config(
+                    trt_name,
+                    triton_config.TENSORRT_PLATFORM,
+                    options,
+                    vit.embed_dim,
+                    encoder.tile_size_px,
+                    "KIND_GPU",
+                    cc_model_filenames={cc_text: plan_path.name},
+                    max_batch=options.tensorrt_max_batch,
+                ),
+                compute_capability=cc_text,
+                tensorrt_version=tensorrt_version,
+            )
 
         tasks = []
-        for task, head in (heads.heads.items() if heads is not None else []):
+        for task, head in heads.heads.items() if heads is not None else []:
             head_name = f"{model_name}_head_{task}"
             head_path = staging / head_name / version / "model.onnx"
             onnx_export.export_head(head, head_path)
             head_parity = onnx_export.head_parity(head, head_path)
             onnx_export.check_fp32_parity(head_parity, f"head {task}")
-            add_model(head_name, "head", task, "onnxruntime", "fp32", head_parity,
-                      triton_config.render_model_config(triton_config.abmil_head_config(head_name, embed_dim=head.in_dim, num_classes=head.num_classes)))
+            add_model(
+                head_name,
+                "head",
+                task,
+                "onnxruntime",
+                "fp32",
+                head_parity,
+                triton_config.render_model_config(
+                    triton_config.abmil_head_config(head_name, embed_dim=head.in_dim, num_classes=head.num_classes)
+                ),
+            )
             tasks.append(TaskSpec(name=task, class_names=heads.class_names[task], head_artifact=head_name))
 
         manifest = Manifest(
@@ -211,9 +279,13 @@ def _make_readable_by_all(root: Path) -> None:
         path.chmod(0o755 if path.is_dir() else 0o644)
 
 
-def _encoder_config(name, platform, options: ExportOptions, embed_dim, tile_size_px, kind, cc_model_filenames=None, max_batch=None):
+def _encoder_config(
+    name, platform, options: ExportOptions, embed_dim, tile_size_px, kind, cc_model_filenames=None, max_batch=None
+):
     if tile_size_px != triton_config.TILE_SIZE_PX:
-        raise ValueError(f"the Triton configs describe {triton_config.TILE_SIZE_PX} px tiles, the encoder takes {tile_size_px} px")
+        raise ValueError(
+            f"the Triton configs describe {triton_config.TILE_SIZE_PX} px tiles, the encoder takes {tile_size_px} px"
+        )
     if platform == triton_config.TENSORRT_PLATFORM:
         spec = triton_config.tensorrt_encoder_config(
             name,

@@ -53,6 +53,7 @@ _ENGINE_FILENAME = re.compile(
 )
 _TENSORRT_VERSION = re.compile(r"[0-9]+(\.[0-9]+){2,3}")
 
+
 def engine_filename(compute_capability: tuple[int, int], tensorrt_version: str) -> str:
     """The engine file name for a GPU compute capability and a TensorRT version.
 
@@ -64,19 +65,12 @@ def engine_filename(compute_capability: tuple[int, int], tensorrt_version: str) 
         or len(compute_capability) != 2
         or not all(_is_int(part) for part in compute_capability)
     ):
-        raise ValueError(
-            f"compute capability must be a (major, minor) tuple of ints, got {compute_capability!r}"
-        )
+        raise ValueError(f"compute capability must be a (major, minor) tuple of ints, got {compute_capability!r}")
     major, minor = compute_capability
     if major < 1 or not 0 <= minor <= 9:
-        raise ValueError(
-            f"compute capability {major}.{minor} is not a CUDA one "
-            "(major >= 1, minor a single digit)"
-        )
+        raise ValueError(f"compute capability {major}.{minor} is not a CUDA one (major >= 1, minor a single digit)")
     if not isinstance(tensorrt_version, str) or not _TENSORRT_VERSION.fullmatch(tensorrt_version):
-        raise ValueError(
-            f"TensorRT version must look like 10.8.0 or 10.8.0.43, got {tensorrt_version!r}"
-        )
+        raise ValueError(f"TensorRT version must look like 10.8.0 or 10.8.0.43, got {tensorrt_version!r}")
     # int() drops leading zeros, so the name reads back to the same version string.
     release = ".".join(str(int(part)) for part in tensorrt_version.split(".")[:3])
     return f"model.sm{major}{minor}.trt{release}.plan"
@@ -135,15 +129,13 @@ def build_tensorrt_engine(
     # parse_from_file (not parse of bytes) also finds weights stored beside the model.
     if not parser.parse_from_file(str(onnx_path)):
         problems = "\n".join(
-            "  " + _describe_parser_error(parser.get_error(index))
-            for index in range(parser.num_errors)
+            "  " + _describe_parser_error(parser.get_error(index)) for index in range(parser.num_errors)
         )
         raise TensorRTEngineError(f"TensorRT cannot parse {onnx_path}:\n{problems}")
     input_names = [network.get_input(index).name for index in range(network.num_inputs)]
     if input_names != [TILES_INPUT]:
         raise TensorRTEngineError(
-            f"{onnx_path} must have the single input {TILES_INPUT!r} of the tile encoder, "
-            f"it has {input_names}"
+            f"{onnx_path} must have the single input {TILES_INPUT!r} of the tile encoder, it has {input_names}"
         )
 
     config = builder.create_builder_config()
@@ -168,9 +160,7 @@ def build_tensorrt_engine(
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise TensorRTEngineError(
-            f"TensorRT failed to build an engine from {onnx_path}; its log above says why"
-        )
+        raise TensorRTEngineError(f"TensorRT failed to build an engine from {onnx_path}; its log above says why")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     engine_path = output_dir / engine_filename(compute_capability, trt.__version__)
@@ -209,7 +199,9 @@ def check_engine_parity(
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     embed_dim = session.get_outputs()[0].shape[-1]
     # The same runner the service uses, so the check covers the code that serves the engine.
-    engine = TensorRTTileEncoder(plan_path, TILE_SIZE_PX, embed_dim, input_name=TILES_INPUT, output_name=EMBEDDING_OUTPUT)
+    engine = TensorRTTileEncoder(
+        plan_path, TILE_SIZE_PX, embed_dim, input_name=TILES_INPUT, output_name=EMBEDDING_OUTPUT
+    )
     outside = [size for size in batch_sizes if not engine.min_batch_size <= size <= engine.max_batch_size]
     if outside:
         raise ValueError(
@@ -235,9 +227,7 @@ def compare_embeddings(actual: np.ndarray, expected: np.ndarray) -> dict[str, fl
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     if actual.shape != expected.shape or actual.ndim != 2:
-        raise ValueError(
-            f"expected two (N, D) arrays of the same shape, got {actual.shape} and {expected.shape}"
-        )
+        raise ValueError(f"expected two (N, D) arrays of the same shape, got {actual.shape} and {expected.shape}")
     # The floor keeps an all-zero row from dividing by zero; its cosine is then 0.
     norms = np.maximum(np.linalg.norm(actual, axis=1) * np.linalg.norm(expected, axis=1), 1e-30)
     cosines = np.sum(actual * expected, axis=1) / norms

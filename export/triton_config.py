@@ -78,9 +78,7 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 # Triton keys cc_model_filenames by the GPU's compute capability, "major.minor".
 _COMPUTE_CAPABILITY_KEY = re.compile(r"[0-9]+\.[0-9]+")
 
-_GENERATED_HEADER = (
-    "# Written by `xmag export` (export/triton_config.py). Re-export rather than edit by hand."
-)
+_GENERATED_HEADER = "# Written by `xmag export` (export/triton_config.py). Re-export rather than edit by hand."
 
 
 @dataclass(frozen=True)
@@ -135,8 +133,7 @@ class DynamicBatching:
         object.__setattr__(self, "preferred_batch_sizes", tuple(sorted(sizes)))
         if not _is_int(self.max_queue_delay_microseconds) or self.max_queue_delay_microseconds < 0:
             raise ValueError(
-                "max_queue_delay_microseconds must be an integer >= 0, "
-                f"got {self.max_queue_delay_microseconds!r}"
+                f"max_queue_delay_microseconds must be an integer >= 0, got {self.max_queue_delay_microseconds!r}"
             )
 
 
@@ -199,8 +196,7 @@ class ModelConfigSpec:
             )
         if not _is_int(self.instance_count) or self.instance_count < 1:
             raise ValueError(
-                f"model {self.name!r}: instance count must be a positive integer, "
-                f"got {self.instance_count!r}"
+                f"model {self.name!r}: instance count must be a positive integer, got {self.instance_count!r}"
             )
 
     def _check_dynamic_batching(self) -> None:
@@ -211,15 +207,10 @@ class ModelConfigSpec:
                 f"model {self.name!r}: dynamic batching needs max_batch_size > 0; "
                 "a model with max_batch_size 0 is never batched"
             )
-        too_large = [
-            size
-            for size in self.dynamic_batching.preferred_batch_sizes
-            if size > self.max_batch_size
-        ]
+        too_large = [size for size in self.dynamic_batching.preferred_batch_sizes if size > self.max_batch_size]
         if too_large:
             raise ValueError(
-                f"model {self.name!r}: preferred batch sizes {too_large} exceed "
-                f"max_batch_size {self.max_batch_size}"
+                f"model {self.name!r}: preferred batch sizes {too_large} exceed max_batch_size {self.max_batch_size}"
             )
 
 
@@ -247,9 +238,7 @@ def onnx_encoder_config(
         outputs=(_embedding_output(embed_dim),),
         instance_kind=instance_kind,
         instance_count=instance_count,
-        dynamic_batching=_encoder_batching(
-            max_batch_size, preferred_batch_sizes, max_queue_delay_microseconds
-        ),
+        dynamic_batching=_encoder_batching(max_batch_size, preferred_batch_sizes, max_queue_delay_microseconds),
     )
 
 
@@ -270,9 +259,7 @@ def tensorrt_encoder_config(
     since Triton may send batches that large.
     """
     if not cc_model_filenames:
-        raise ValueError(
-            f"model {name!r}: a TensorRT encoder needs at least one engine in cc_model_filenames"
-        )
+        raise ValueError(f"model {name!r}: a TensorRT encoder needs at least one engine in cc_model_filenames")
     return ModelConfigSpec(
         name=name,
         platform=TENSORRT_PLATFORM,
@@ -281,9 +268,7 @@ def tensorrt_encoder_config(
         outputs=(_embedding_output(embed_dim),),
         instance_kind="KIND_GPU",
         instance_count=instance_count,
-        dynamic_batching=_encoder_batching(
-            max_batch_size, preferred_batch_sizes, max_queue_delay_microseconds
-        ),
+        dynamic_batching=_encoder_batching(max_batch_size, preferred_batch_sizes, max_queue_delay_microseconds),
         cc_model_filenames=cc_model_filenames,
     )
 
@@ -304,9 +289,7 @@ def abmil_head_config(
     if not _is_int(embed_dim) or embed_dim < 1:
         raise ValueError(f"model {name!r}: embed_dim must be a positive integer, got {embed_dim!r}")
     if not _is_int(num_classes) or num_classes < 1:
-        raise ValueError(
-            f"model {name!r}: num_classes must be a positive integer, got {num_classes!r}"
-        )
+        raise ValueError(f"model {name!r}: num_classes must be a positive integer, got {num_classes!r}")
     return ModelConfigSpec(
         name=name,
         platform=ONNX_PLATFORM,
@@ -396,9 +379,7 @@ def _check_tensors(model_name: str, kind: str, tensors: tuple[TensorSpec, ...]) 
         raise ValueError(f"model {model_name!r}: needs at least one {kind}")
     for tensor in tensors:
         if not isinstance(tensor, TensorSpec):
-            raise ValueError(
-                f"model {model_name!r}: each {kind} must be a TensorSpec, got {tensor!r}"
-            )
+            raise ValueError(f"model {model_name!r}: each {kind} must be a TensorSpec, got {tensor!r}")
     names = [tensor.name for tensor in tensors]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -410,8 +391,7 @@ def _check_safe_name(value: object, what: str) -> None:
         raise ValueError(f"{what} must be a non-empty string, got {value!r}")
     if not _SAFE_NAME.fullmatch(value):
         raise ValueError(
-            f"{what} {value!r} may contain only letters, digits, '_', '-' and '.', "
-            "and may not start with '.' or '-'"
+            f"{what} {value!r} may contain only letters, digits, '_', '-' and '.', and may not start with '.' or '-'"
         )
 
 

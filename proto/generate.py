@@ -31,8 +31,12 @@ def generate(target: Path) -> list[Path]:
     with tempfile.TemporaryDirectory() as scratch:
         protos = sorted(PROTO_DIR.glob("*.proto"))
         arguments = [
-            "grpc_tools.protoc", f"-I{PROTO_ROOT}", f"--python_out={scratch}", f"--pyi_out={scratch}",
-            f"--grpc_python_out={scratch}", *[str(proto) for proto in protos],
+            "grpc_tools.protoc",
+            f"-I{PROTO_ROOT}",
+            f"--python_out={scratch}",
+            f"--pyi_out={scratch}",
+            f"--grpc_python_out={scratch}",
+            *[str(proto) for proto in protos],
         ]
         if protoc.main(arguments) != 0:
             raise SystemExit("protoc failed")
@@ -58,10 +62,16 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as scratch:
         fresh = generate(Path(scratch))
-        stale = [path.name for path in fresh if not (TARGET / path.name).is_file() or not filecmp.cmp(path, TARGET / path.name, shallow=False)]
+        stale = [
+            path.name
+            for path in fresh
+            if not (TARGET / path.name).is_file() or not filecmp.cmp(path, TARGET / path.name, shallow=False)
+        ]
         extra = sorted({p.name for p in TARGET.glob("*.py*")} - {p.name for p in fresh})
     if stale or extra:
-        print(f"service/grpc_api is not current (differs: {stale}; not generated: {extra}); run python proto/generate.py")
+        print(
+            f"service/grpc_api is not current (differs: {stale}; not generated: {extra}); run python proto/generate.py"
+        )
         return 1
     print("service/grpc_api is current")
     return 0

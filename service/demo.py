@@ -35,8 +35,20 @@ def free_loopback_port() -> int:
 @contextlib.contextmanager
 def serving(slide_root: Path, port: int, ready_timeout_s: float, say: Callable[[str], None]) -> Iterator[str]:
     """`xmag serve` on loopback with the demo repository; yields its base URL once /readyz is 200."""
-    command = [sys.executable, "-m", "xmag", "serve", "--port", str(port), "--grpc-port", str(free_loopback_port()),
-               "--slide-root", str(slide_root), "--log-level", "warning"]
+    command = [
+        sys.executable,
+        "-m",
+        "xmag",
+        "serve",
+        "--port",
+        str(port),
+        "--grpc-port",
+        str(free_loopback_port()),
+        "--slide-root",
+        str(slide_root),
+        "--log-level",
+        "warning",
+    ]
     say("$ " + " ".join(["xmag", *command[3:]]))
     server = subprocess.Popen(command)
     base_url = f"http://127.0.0.1:{port}"
@@ -98,4 +110,3 @@ def run_demo(output_dir: Path, say: Callable[[str], None], ready_timeout_s: floa
     # The child's working directory is ours, so the demo repository lands in the same place.
     with serving(slide.path.parent.resolve(), free_loopback_port(), ready_timeout_s, say) as base_url:
         return classify_demo_slide(base_url, slide.path.resolve(), output_dir, say)
-

@@ -87,12 +87,16 @@ class ModelDescription:
             backend_measurements=measurements,
         )
 
-
     def caller_info(self) -> dict:
         """What both faces tell a caller about the model (the fields of their ModelInfo schemas)."""
         return {
-            "name": self.name, "version": self.version, "kind": self.kind, "manifest_sha256": self.manifest_sha256,
-            "weights_sha256": self.weights_sha256, "encoder": self.encoder, "notice": self.notice,
+            "name": self.name,
+            "version": self.version,
+            "kind": self.kind,
+            "manifest_sha256": self.manifest_sha256,
+            "weights_sha256": self.weights_sha256,
+            "encoder": self.encoder,
+            "notice": self.notice,
         }
 
 
@@ -113,8 +117,15 @@ class _Stop(Exception):
 class SlideJob:
     """One admitted slide. `future` resolves to an EngineResult or raises a typed error."""
 
-    def __init__(self, engine: "Engine", real_path: Path, tasks: list[str], fallback_mpp: float | None,
-                 timeout_s: float, on_event: EventListener | None):
+    def __init__(
+        self,
+        engine: "Engine",
+        real_path: Path,
+        tasks: list[str],
+        fallback_mpp: float | None,
+        timeout_s: float,
+        on_event: EventListener | None,
+    ):
         self.id = uuid.uuid4().hex
         self.real_path = real_path
         self.tasks = tasks
@@ -154,7 +165,9 @@ class Engine:
         self.spec = TilingSpec(target_mpp=model.target_mpp, tile_size_px=model.tile_size_px)
         self.guard = SlidePathGuard(settings.slide_roots)
         # A TensorRT engine takes batches only up to its optimisation profile's maximum.
-        max_batch_size = min(settings.max_batch_size, getattr(encoder, "max_batch_size", None) or settings.max_batch_size)
+        max_batch_size = min(
+            settings.max_batch_size, getattr(encoder, "max_batch_size", None) or settings.max_batch_size
+        )
         if settings.read_batch_size > max_batch_size:
             raise ValueError(
                 f"read_batch_size {settings.read_batch_size} exceeds the {max_batch_size} tiles the encoder "
@@ -178,8 +191,13 @@ class Engine:
         self.metrics.pending_tiles.set_function(lambda: self.scheduler.pending_tiles)
         self.metrics.max_batch_size.set(max_batch_size)
         self.metrics.model.info(
-            {"name": model.name, "version": str(model.version), "kind": model.kind, "encoder": model.encoder,
-             "manifest_sha256": model.manifest_sha256 or ""}
+            {
+                "name": model.name,
+                "version": str(model.version),
+                "kind": model.kind,
+                "encoder": model.encoder,
+                "manifest_sha256": model.manifest_sha256 or "",
+            }
         )
 
     @classmethod
@@ -200,8 +218,9 @@ class Engine:
 
         probe_batch_size = min(64, settings.max_batch_size) if torch.cuda.is_available() else 4
         triton = (
-            TritonEndpoint(settings.triton_url, settings.triton_model, settings.triton_timeout_s,
-                           settings.triton_ready_timeout_s)
+            TritonEndpoint(
+                settings.triton_url, settings.triton_model, settings.triton_timeout_s, settings.triton_ready_timeout_s
+            )
             if settings.encoder_backend == "triton"
             else None
         )
@@ -216,10 +235,17 @@ class Engine:
         """What both faces tell a caller about the slide (the fields of their SlideFacts schemas)."""
         facts = result.slide.facts
         return {
-            "width_px": facts.width_px, "height_px": facts.height_px, "mpp": facts.mpp,
-            "base_magnification": facts.base_magnification, "objective_power": facts.objective_power,
-            "vendor": facts.vendor, "reader_backend": facts.reader_backend, "read_level": facts.read_level,
-            "tile_count": facts.tile_count, "tile_size_px": self.spec.tile_size_px, "target_mpp": self.spec.target_mpp,
+            "width_px": facts.width_px,
+            "height_px": facts.height_px,
+            "mpp": facts.mpp,
+            "base_magnification": facts.base_magnification,
+            "objective_power": facts.objective_power,
+            "vendor": facts.vendor,
+            "reader_backend": facts.reader_backend,
+            "read_level": facts.read_level,
+            "tile_count": facts.tile_count,
+            "tile_size_px": self.spec.tile_size_px,
+            "target_mpp": self.spec.target_mpp,
             "tissue_area_mm2": facts.tissue_area_mm2,
         }
 
@@ -266,8 +292,12 @@ class Engine:
         real_path = self.guard.resolve(slide_path)
         limit = self.settings.request_timeout_s
         job = SlideJob(
-            self, real_path, list(dict.fromkeys(tasks)) if tasks else list(self.model.tasks), fallback_mpp,
-            min(timeout_s, limit) if timeout_s else limit, on_event,
+            self,
+            real_path,
+            list(dict.fromkeys(tasks)) if tasks else list(self.model.tasks),
+            fallback_mpp,
+            min(timeout_s, limit) if timeout_s else limit,
+            on_event,
         )
         with self._lock:
             admitted = self._queued + self._running
@@ -278,8 +308,16 @@ class Engine:
                 )
             self._queued += 1
             self._jobs.add(job)
-        timer = threading.Timer(job.timeout_s, self._stop, (job, SlideTimeoutError(
-            f"the slide did not finish within {job.timeout_s:g} s; its remaining work was cancelled")))
+        timer = threading.Timer(
+            job.timeout_s,
+            self._stop,
+            (
+                job,
+                SlideTimeoutError(
+                    f"the slide did not finish within {job.timeout_s:g} s; its remaining work was cancelled"
+                ),
+            ),
+        )
         timer.daemon = True
         timer.start()
         job.future.add_done_callback(lambda _: timer.cancel())

@@ -156,8 +156,12 @@ class SlideClassifierServicer(pb_grpc.SlideClassifierServicer):
                         result = await _wait(job)
                     finally:
                         jobs.discard(job)
-                    answers.put_nowait(pb.ClassifyManyResponse(
-                        correlation_id=correlation_id, result=result_message(result, engine, item.request.return_attention)))
+                    answers.put_nowait(
+                        pb.ClassifyManyResponse(
+                            correlation_id=correlation_id,
+                            result=result_message(result, engine, item.request.return_attention),
+                        )
+                    )
                 except asyncio.CancelledError:
                     raise
                 except Exception as error:  # noqa: BLE001 - one slide's failure is an error item, not the stream's end
@@ -222,9 +226,12 @@ class SlideClassifierServicer(pb_grpc.SlideClassifierServicer):
             raise InvalidRequestError(f"mpp must be in (0.01, 100] µm/px, got {request.mpp}")
         # The path guard stats the file, which can block on a network share: off the event loop.
         job = await asyncio.to_thread(
-            engine.submit, request.slide_path, list(request.tasks) or None,
+            engine.submit,
+            request.slide_path,
+            list(request.tasks) or None,
             fallback_mpp=request.mpp if request.HasField("mpp") else None,
-            timeout_s=min(limits) if limits else None, on_event=on_event,
+            timeout_s=min(limits) if limits else None,
+            on_event=on_event,
         )
         return engine, job
 
@@ -283,7 +290,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if not self.api_keys or handler is None or not details.method.startswith(f"/{SERVICE_NAME}/"):
             return handler
         offered = dict(details.invocation_metadata or ()).get("authorization", "")
-        token = offered[len("Bearer "):].encode() if offered.startswith("Bearer ") else b""
+        token = offered[len("Bearer ") :].encode() if offered.startswith("Bearer ") else b""
         if any([hmac.compare_digest(token, key) for key in self.api_keys]):
             return handler
         self.metrics.requests.labels("grpc", details.method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
@@ -300,7 +307,10 @@ def _refusing_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # never reached; makes this an async generator, as streaming handlers are
 
-    serializers = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    serializers = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(refuse, **serializers)
     if handler.unary_stream:
@@ -348,7 +358,9 @@ async def start_grpc_face(holder: EngineHolder, settings: ServiceSettings, metri
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as error:  # grpc reports a port in use this way
-        raise OSError(f"cannot listen for gRPC on {address} (in use?): pass another --grpc-port, or --no-grpc") from error
+        raise OSError(
+            f"cannot listen for gRPC on {address} (in use?): pass another --grpc-port, or --no-grpc"
+        ) from error
     await server.start()
     watcher = asyncio.create_task(_follow_readiness(holder, health_servicer))
     return GrpcFace(server, port, health_servicer, watcher)

@@ -44,7 +44,9 @@ def find_slides(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise LisClientError(f"{folder} is not a directory")
     return sorted(
-        path.relative_to(folder) for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in SLIDE_SUFFIXES
+        path.relative_to(folder)
+        for path in folder.rglob("*")
+        if path.is_file() and path.suffix.lower() in SLIDE_SUFFIXES
     )
 
 
@@ -87,7 +89,10 @@ def classify_folder(
             yield pb.ClassifyManyRequest(correlation_id=relative.as_posix(), request=request)
 
     summary = StreamSummary()
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
     with grpc.insecure_channel(target, options=options) as channel:
         stub = pb_grpc.SlideClassifierStub(channel)
         try:
@@ -106,7 +111,9 @@ def classify_folder(
             ) from None
     missing = {relative.as_posix() for relative in slides} - set(summary.classified) - set(summary.failed)
     if missing:
-        raise LisClientError(f"the service closed the stream without answering {len(missing)} slide(s), e.g. {sorted(missing)[0]}")
+        raise LisClientError(
+            f"the service closed the stream without answering {len(missing)} slide(s), e.g. {sorted(missing)[0]}"
+        )
     return summary
 
 

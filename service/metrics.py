@@ -30,7 +30,10 @@ class ServiceMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
         self.slides = Counter(
-            "xmag_slides", "Slides finished or refused, by outcome (ok or the error code).", ["outcome"], registry=registry
+            "xmag_slides",
+            "Slides finished or refused, by outcome (ok or the error code).",
+            ["outcome"],
+            registry=registry,
         )
         self.tiles = Counter("xmag_tiles_encoded", "Tiles encoded.", registry=registry)
         self.slide_seconds = Histogram(
@@ -50,24 +53,29 @@ class ServiceMetrics:
             "xmag_encoder_batch_size", "Tiles per encoder batch.", buckets=BATCH_SIZE_BUCKETS, registry=registry
         )
         self.batch_seconds = Histogram(
-            "xmag_encoder_batch_duration_seconds", "Time of one encoder batch.", buckets=STAGE_SECONDS_BUCKETS,
+            "xmag_encoder_batch_duration_seconds",
+            "Time of one encoder batch.",
+            buckets=STAGE_SECONDS_BUCKETS,
             registry=registry,
         )
         self.queue_depth = Gauge(
             "xmag_queue_depth", "Slides admitted and waiting for a pipeline slot.", registry=registry
         )
-        self.pending_tiles = Gauge(
-            "xmag_scheduler_pending_tiles", "Tiles waiting for the encoder.", registry=registry
+        self.pending_tiles = Gauge("xmag_scheduler_pending_tiles", "Tiles waiting for the encoder.", registry=registry)
+        self.inflight = Gauge(
+            "xmag_inflight_slides", "Slides being read, encoded or classified now.", registry=registry
         )
-        self.inflight = Gauge("xmag_inflight_slides", "Slides being read, encoded or classified now.", registry=registry)
         self.requests = Counter(
-            "xmag_requests", "Requests answered, by protocol, endpoint and status.", ["protocol", "endpoint", "status"],
+            "xmag_requests",
+            "Requests answered, by protocol, endpoint and status.",
+            ["protocol", "endpoint", "status"],
             registry=registry,
         )
         self.model = Info("xmag_model", "The model being served.", registry=registry)
         self.ready = Gauge("xmag_ready", "1 once the model is loaded, verified and warmed up.", registry=registry)
         self.max_batch_size = Gauge(
-            "xmag_encoder_max_batch_size", "Most tiles the scheduler puts in one encoder batch; batch fill's denominator.",
+            "xmag_encoder_max_batch_size",
+            "Most tiles the scheduler puts in one encoder batch; batch fill's denominator.",
             registry=registry,
         )
         self.gpus = GpuCollector()
@@ -121,12 +129,16 @@ class GpuCollector:
     def _families(self) -> tuple[GaugeMetricFamily, ...]:
         gpu_labels = ["gpu", "name"]
         return (
-            GaugeMetricFamily("xmag_gpu_devices", "NVIDIA GPUs visible through NVML (0 without a driver).",
-                              value=len(self._handles)),
-            GaugeMetricFamily("xmag_gpu_utilization_ratio",
-                              "Fraction of the last sample period in which a kernel ran on the GPU (NVML).",
-                              labels=gpu_labels),
-            GaugeMetricFamily("xmag_gpu_memory_used_bytes", "GPU memory in use, all processes (NVML).",
-                              labels=gpu_labels),
+            GaugeMetricFamily(
+                "xmag_gpu_devices", "NVIDIA GPUs visible through NVML (0 without a driver).", value=len(self._handles)
+            ),
+            GaugeMetricFamily(
+                "xmag_gpu_utilization_ratio",
+                "Fraction of the last sample period in which a kernel ran on the GPU (NVML).",
+                labels=gpu_labels,
+            ),
+            GaugeMetricFamily(
+                "xmag_gpu_memory_used_bytes", "GPU memory in use, all processes (NVML).", labels=gpu_labels
+            ),
             GaugeMetricFamily("xmag_gpu_memory_total_bytes", "GPU memory in all (NVML).", labels=gpu_labels),
         )

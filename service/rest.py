@@ -38,8 +38,7 @@ UNAUTHORISED = JSONResponse(
 )
 
 ERROR_RESPONSES = {
-    status: {"model": schemas.ErrorResponse}
-    for status in (400, 401, 403, 404, 413, 415, 422, 429, 500, 503, 504)
+    status: {"model": schemas.ErrorResponse} for status in (400, 401, 403, 404, 413, 415, 422, 429, 500, 503, 504)
 }
 
 EngineFactory = Callable[[ServiceSettings, ServiceMetrics], Engine]
@@ -152,25 +151,41 @@ def create_app(settings: ServiceSettings, engine_factory: EngineFactory = Engine
         """Alive: the process answers (it may still be loading the model)."""
         return schemas.HealthResponse(status="ok")
 
-    @app.get("/readyz", response_model=schemas.HealthResponse, tags=["operations"],
-             responses={503: {"model": schemas.HealthResponse}})
+    @app.get(
+        "/readyz",
+        response_model=schemas.HealthResponse,
+        tags=["operations"],
+        responses={503: {"model": schemas.HealthResponse}},
+    )
     def readyz():
         """Ready: the model is loaded, verified and warmed up, and the service is not shutting down."""
         engine = holder.engine
         if engine is not None and engine.ready:
             return schemas.HealthResponse(status="ready", detail=f"{engine.model.name} v{engine.model.version}")
-        detail = f"model failed to load: {holder.failure}" if holder.failure else (
-            "shutting down" if engine is not None else "loading the model")
+        detail = (
+            f"model failed to load: {holder.failure}"
+            if holder.failure
+            else ("shutting down" if engine is not None else "loading the model")
+        )
         return JSONResponse(schemas.HealthResponse(status="not ready", detail=detail).model_dump(), status_code=503)
 
-    @app.get("/metrics", tags=["operations"], response_class=Response,
-             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}})
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
+    )
     def prometheus_metrics() -> Response:
         """Prometheus metrics (names start with xmag_)."""
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models", response_model=schemas.ModelsResponse, tags=["classification"],
-             dependencies=[Depends(authorised)], responses=ERROR_RESPONSES)
+    @app.get(
+        "/v1/models",
+        response_model=schemas.ModelsResponse,
+        tags=["classification"],
+        dependencies=[Depends(authorised)],
+        responses=ERROR_RESPONSES,
+    )
     def models() -> schemas.ModelsResponse:
         """The model being served: tasks and their classes, provenance, and how the encoder backend was chosen."""
         model = holder.require().model
@@ -182,8 +197,13 @@ def create_app(settings: ServiceSettings, engine_factory: EngineFactory = Engine
             backend_measurements=[schemas.BackendMeasurement(**m) for m in model.backend_measurements],
         )
 
-    @app.post("/v1/classify", response_model=schemas.ClassifyResponse, tags=["classification"],
-              dependencies=[Depends(authorised)], responses=ERROR_RESPONSES)
+    @app.post(
+        "/v1/classify",
+        response_model=schemas.ClassifyResponse,
+        tags=["classification"],
+        dependencies=[Depends(authorised)],
+        responses=ERROR_RESPONSES,
+    )
     async def classify(body: schemas.ClassifyRequest, request: Request):
         """Classify one slide: slide-level predictions per task, optionally attention and heatmap links."""
         engine = holder.require()
@@ -201,16 +221,24 @@ def create_app(settings: ServiceSettings, engine_factory: EngineFactory = Engine
             store.put(result)
         return _classify_response(result, engine, body, str(request.base_url).rstrip("/"))
 
-    @app.get("/v1/results/{result_id}/heatmaps/{task}.png", tags=["classification"], response_class=Response,
-             dependencies=[Depends(authorised)],
-             responses={200: {"content": {"image/png": {}}, "description": "PNG heatmap."}, **ERROR_RESPONSES})
+    @app.get(
+        "/v1/results/{result_id}/heatmaps/{task}.png",
+        tags=["classification"],
+        response_class=Response,
+        dependencies=[Depends(authorised)],
+        responses={200: {"content": {"image/png": {}}, "description": "PNG heatmap."}, **ERROR_RESPONSES},
+    )
     def heatmap_png(result_id: str, task: str) -> Response:
         """The attention of one task over the slide thumbnail (bright = high attention)."""
         return Response(store.heatmap_png(result_id, task), media_type="image/png")
 
-    @app.get("/v1/results/{result_id}/attention/{task}.geojson", tags=["classification"], response_class=Response,
-             dependencies=[Depends(authorised)],
-             responses={200: {"content": {"application/geo+json": {}}, "description": "GeoJSON."}, **ERROR_RESPONSES})
+    @app.get(
+        "/v1/results/{result_id}/attention/{task}.geojson",
+        tags=["classification"],
+        response_class=Response,
+        dependencies=[Depends(authorised)],
+        responses={200: {"content": {"application/geo+json": {}}, "description": "GeoJSON."}, **ERROR_RESPONSES},
+    )
     def attention_geojson(result_id: str, task: str) -> Response:
         """Tiles as QuPath detections with the attention as a measurement (level-0 pixel coordinates)."""
         import json

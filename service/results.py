@@ -28,7 +28,9 @@ class ResultStore:
         if self.capacity == 0:
             return
         # The heatmaps need the thumbnail, coordinates and attention, not the embeddings.
-        slim = dataclasses.replace(result, slide=dataclasses.replace(result.slide, embeddings=np.empty((0, 0), np.float32)))
+        slim = dataclasses.replace(
+            result, slide=dataclasses.replace(result.slide, embeddings=np.empty((0, 0), np.float32))
+        )
         with self._lock:
             self._results[result.job_id] = slim
             while len(self._results) > self.capacity:
@@ -43,13 +45,18 @@ class ResultStore:
                 "classified with heatmap=true, and not across restarts; classify the slide again"
             )
         if task not in result.slide.predictions:
-            raise ResultNotFoundError(f"result {result_id!r} has no task {task!r}; it has {sorted(result.slide.predictions)}")
+            raise ResultNotFoundError(
+                f"result {result_id!r} has no task {task!r}; it has {sorted(result.slide.predictions)}"
+            )
         return result
 
     def heatmap_png(self, result_id: str, task: str) -> bytes:
         slide = self.get(result_id, task).slide
         image = render_attention_heatmap(
-            slide.thumbnail, slide.tissue.level0_px_per_mask_px, slide.level0_coords, slide.tile_size_level0_px,
+            slide.thumbnail,
+            slide.tissue.level0_px_per_mask_px,
+            slide.level0_coords,
+            slide.tile_size_level0_px,
             slide.predictions[task].attention,
         )
         buffer = io.BytesIO()
@@ -58,4 +65,6 @@ class ResultStore:
 
     def geojson(self, result_id: str, task: str) -> dict:
         slide = self.get(result_id, task).slide
-        return attention_geojson(slide.level0_coords, slide.tile_size_level0_px, slide.predictions[task].attention, task)
+        return attention_geojson(
+            slide.level0_coords, slide.tile_size_level0_px, slide.predictions[task].attention, task
+        )

@@ -13,7 +13,8 @@ class _Schema(BaseModel):
 
 class ClassifyRequest(_Schema):
     slide_path: str = Field(
-        min_length=1, max_length=4096,
+        min_length=1,
+        max_length=4096,
         description="Path of the slide as the server sees it; must lie inside an allowed slide root. "
         "A relative path is taken relative to the first root.",
         examples=["/slides/case-0001.svs"],
@@ -26,7 +27,10 @@ class ClassifyRequest(_Schema):
         False, description="Keep the result so its heatmap PNG and GeoJSON can be fetched from the returned URLs."
     )
     mpp: float | None = Field(
-        None, gt=0.01, le=100, description="Microns per pixel to assume when the slide states neither MPP nor objective power."
+        None,
+        gt=0.01,
+        le=100,
+        description="Microns per pixel to assume when the slide states neither MPP nor objective power.",
     )
     timeout_s: float | None = Field(
         None, gt=0, le=86_400, description="Give up after this many seconds (capped by the server's own limit)."

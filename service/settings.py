@@ -44,7 +44,9 @@ class ServiceSettings(BaseSettings):
     )
     triton_timeout_s: float = Field(30.0, gt=0, le=3600, description="Longest Triton may take to answer one batch.")
     triton_ready_timeout_s: float = Field(
-        120.0, gt=0, le=3600,
+        120.0,
+        gt=0,
+        le=3600,
         description="How long Triton may take at start to be live with the model loaded (it may start beside us).",
     )
 

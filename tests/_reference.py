@@ -44,7 +44,7 @@ def load_fixture(file_name: str) -> tuple[dict[str, torch.Tensor], dict[str, tor
     """(state dict with the official keys, every other tensor: `input`, `out.*`)."""
     tensors = load_file(reference_path(file_name))
     prefix = "state_dict."
-    state_dict = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    state_dict = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     others = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
     return state_dict, others
 

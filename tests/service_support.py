@@ -41,7 +41,9 @@ def service_settings(**values) -> ServiceSettings:
 @contextlib.contextmanager
 def running_service(app, ready_timeout_s: float = 120.0, wait_ready: bool = True) -> Iterator[str]:
     """Serve `app` with uvicorn on a free loopback port in a thread; yield its base URL; stop it gracefully."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=30))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=30)
+    )
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -131,7 +133,9 @@ def train_lesion_head(training: list[tuple[np.ndarray, np.ndarray]], embed_dim: 
         chosen = rng.choice(normal, size=min(int(rng.integers(10, 60)), len(normal)), replace=False)
         label = int(rng.integers(2)) if len(lesion) else 0
         if label:
-            chosen = np.concatenate([chosen, rng.choice(lesion, size=int(rng.integers(1, len(lesion) + 1)), replace=False)])
+            chosen = np.concatenate(
+                [chosen, rng.choice(lesion, size=int(rng.integers(1, len(lesion) + 1)), replace=False)]
+            )
         bags.append((features[chosen], label))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -155,21 +159,31 @@ def build_lesion_model(directory: Path) -> LesionModel:
 
     def slide(name: str, seed: int, n_lesions: int, width_px: int = 16_000, height_px: int = 12_000) -> SyntheticSlide:
         return make_synthetic_slide(
-            slides_dir / f"{name}.svs", width_px=width_px, height_px=height_px, base_magnification=20,
-            seed=seed, n_lesions=n_lesions,
+            slides_dir / f"{name}.svs",
+            width_px=width_px,
+            height_px=height_px,
+            base_magnification=20,
+            seed=seed,
+            n_lesions=n_lesions,
         )
 
     encoder = build_tile_encoder("tiny_dinov2", seed=0).eval()
-    training = [_features_and_lesion_fractions(s, encoder) for s in (slide("train_lesion", 21, 2), slide("train_normal", 23, 0))]
+    training = [
+        _features_and_lesion_fractions(s, encoder) for s in (slide("train_lesion", 21, 2), slide("train_normal", 23, 0))
+    ]
     head = train_lesion_head(training, encoder.embed_dim)
     checkpoint = directory / "lesion.safetensors"
     save_encoder_checkpoint(
-        encoder.vit, checkpoint, metadata={"provenance_kind": "trained", "provenance_description": "test lesion head"},
+        encoder.vit,
+        checkpoint,
+        metadata={"provenance_kind": "trained", "provenance_description": "test lesion head"},
         heads=SlideHeads({LESION_TASK: head}, {LESION_TASK: LESION_CLASSES}),
     )
     repository = directory / "repo"
     export_model_repository(checkpoint, repository, model_name="tiny_lesion")
-    return LesionModel(repository, slides_dir, slide("held_out_lesion", 22, 2), slide("held_out_normal", 24, 0, 12_000, 9_000))
+    return LesionModel(
+        repository, slides_dir, slide("held_out_lesion", 22, 2), slide("held_out_normal", 24, 0, 12_000, 9_000)
+    )
 
 
 class HeldEncoder:
@@ -179,7 +193,11 @@ class HeldEncoder:
         self.encoder = encoder
         self.gate = threading.Event()
         self.entered = threading.Event()
-        self.description, self.tile_size_px, self.embed_dim = encoder.description, encoder.tile_size_px, encoder.embed_dim
+        self.description, self.tile_size_px, self.embed_dim = (
+            encoder.description,
+            encoder.tile_size_px,
+            encoder.embed_dim,
+        )
 
     def encode(self, tiles):
         self.entered.set()
@@ -197,5 +215,7 @@ def held_service_app(lesion_model, **settings_overrides):
         model = ModelDescription.of_repository(repository, held.description, [])
         return Engine(settings, held, heads_from_repository(repository), model, metrics)
 
-    settings = service_settings(model_repo=lesion_model.repository, slide_roots=[lesion_model.slides_dir], **settings_overrides)
+    settings = service_settings(
+        model_repo=lesion_model.repository, slide_roots=[lesion_model.slides_dir], **settings_overrides
+    )
     return create_app(settings, factory), held

@@ -194,7 +194,9 @@ def test_auto_chooses_the_fastest_correct_candidate(repository):
     correct = [m for m in measured if m.min_cosine_vs_torch_fp32 >= MIN_BACKEND_COSINE]
     assert chosen.tiles_per_s == max(m.tiles_per_s for m in correct)
     # Every candidate that can run here was measured, against torch fp32 itself among them.
-    expected = {("torch", "fp32"), ("onnxruntime", "fp32")} | ({("torch", "fp16"), ("torch", "bf16")} if CUDA else {("torch", "bf16")})
+    expected = {("torch", "fp32"), ("onnxruntime", "fp32")} | (
+        {("torch", "fp16"), ("torch", "bf16")} if CUDA else {("torch", "bf16")}
+    )
     if repository.manifest.artifact(f"{MODEL}_int8").usable:
         expected.add(("onnxruntime", "int8"))
     assert expected <= {(m.backend, m.precision) for m in measured}
@@ -255,7 +257,9 @@ def test_combinations_that_do_not_exist_are_refused(repository, backend, precisi
 
 def test_unavailable_explicit_choices_say_why(repository, fragile_repository):
     assert issubclass(EncoderBackendUnavailableError, XmagError)
-    with pytest.raises(EncoderBackendUnavailableError, match=r"no tensorrt encoder can run here: .*no usable TensorRT plan"):
+    with pytest.raises(
+        EncoderBackendUnavailableError, match=r"no tensorrt encoder can run here: .*no usable TensorRT plan"
+    ):
         select_encoder_runtime(repository, "tensorrt")
     with pytest.raises(EncoderBackendUnavailableError, match=r"onnxruntime int8 on cpu: .*marked unusable at export"):
         select_encoder_runtime(fragile_repository, "onnxruntime", "int8")
@@ -271,11 +275,17 @@ def test_a_tensorrt_plan_that_cannot_run_here_says_why(repository):
     # enough, since no candidate that cannot run is ever built.
     onnx = repository.manifest.artifact(MODEL)
     plan = onnx.model_copy(
-        update={"name": f"{MODEL}_trt", "runtime": "tensorrt", "precision": "fp16", "compute_capability": "1.0",
-                "tensorrt_version": "10.0.0"}
+        update={
+            "name": f"{MODEL}_trt",
+            "runtime": "tensorrt",
+            "precision": "fp16",
+            "compute_capability": "1.0",
+            "tensorrt_version": "10.0.0",
+        }
     )
     with_plan = dataclasses.replace(
-        repository, manifest=repository.manifest.model_copy(update={"artifacts": [*repository.manifest.artifacts, plan]})
+        repository,
+        manifest=repository.manifest.model_copy(update={"artifacts": [*repository.manifest.artifacts, plan]}),
     )
     if not CUDA:
         reason = "TensorRT plans need a CUDA GPU"

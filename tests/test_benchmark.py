@@ -14,8 +14,20 @@ from benchmarks.report import PAPER, comparisons
 
 def test_quick_benchmark_writes_every_output(tmp_path):
     completed = subprocess.run(
-        [sys.executable, "-m", "xmag", "bench", "--quick", "--out", str(tmp_path / "out"), "--slides-dir", str(tmp_path / "slides")],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "xmag",
+            "bench",
+            "--quick",
+            "--out",
+            str(tmp_path / "out"),
+            "--slides-dir",
+            str(tmp_path / "slides"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     report = json.loads((tmp_path / "out/results.json").read_text())
@@ -37,16 +49,25 @@ def test_quick_benchmark_writes_every_output(tmp_path):
 
 
 def test_extrapolation_scales_read_and_encode_only():
-    scaled = scale_to_full_grid("s", {"tile_count": 100, "tiles_encoded": 10,
-                           "timings_s": {"open": 1.0, "tissue": 2.0, "read": 0.5, "encode": 3.0, "heads": 0.1}})
+    scaled = scale_to_full_grid(
+        "s",
+        {
+            "tile_count": 100,
+            "tiles_encoded": 10,
+            "timings_s": {"open": 1.0, "tissue": 2.0, "read": 0.5, "encode": 3.0, "heads": 0.1},
+        },
+    )
     assert scaled["extrapolated"] and scaled["stages_s"]["encode"] == 30.0 and scaled["stages_s"]["read"] == 5.0
     assert scaled["seconds"] == 1.0 + 2.0 + 5.0 + 30.0 + 0.1
 
 
 def test_the_paper_ratio_is_its_29_5():
-    ratios = comparisons([
-        {"config": "xmag", "slides_per_minute": 6.0}, {"config": "uni2h", "slides_per_minute": 0.5},
-        {"config": "naive_xmag", "slides_per_minute": 2.0},
-    ])
+    ratios = comparisons(
+        [
+            {"config": "xmag", "slides_per_minute": 6.0},
+            {"config": "uni2h", "slides_per_minute": 0.5},
+            {"config": "naive_xmag", "slides_per_minute": 2.0},
+        ]
+    )
     assert round(ratios["paper_xmag_over_uni2h"], 1) == 29.5 and ratios["xmag_over_uni2h"] == 12.0
     assert ratios["ours_over_naive"] == 3.0 and round(PAPER["xmag"], 2) == 8.80

@@ -191,8 +191,10 @@ def test_kubernetes_manifests_match_the_schema():
         try:
             kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as error:
-            failures.append(f"{path.relative_to(ROOT)} {document['kind']}/{document['metadata']['name']}: "
-                            f"{'.'.join(map(str, error.path))}: {error.message}")
+            failures.append(
+                f"{path.relative_to(ROOT)} {document['kind']}/{document['metadata']['name']}: "
+                f"{'.'.join(map(str, error.path))}: {error.message}"
+            )
     assert not failures, "\n".join(failures)
 
 
@@ -231,7 +233,9 @@ def test_xmag_pod_is_probed_confined_and_drains():
     assert spec["enableServiceLinks"] is False
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"] == {
-        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
     }
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(container["resources"][kind]), kind

@@ -60,9 +60,15 @@ def running_prometheus(config_path: Path, data_dir: Path) -> Iterator[str]:
     log_path = data_dir / "prometheus.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [debian_tool("prometheus"), f"--config.file={config_path}", f"--storage.tsdb.path={data_dir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=log_file, stderr=subprocess.STDOUT,
+            [
+                debian_tool("prometheus"),
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={data_dir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
         )
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -107,7 +113,9 @@ def wait_for_target_up(prometheus_url: str, timeout_s: float = 20) -> None:
 def scraped(lesion_model, tmp_path_factory):
     """A service with slides classified (and some refused) while Prometheus scraped it; yields Prometheus's URL."""
     settings = service_settings(
-        model_repo=lesion_model.repository, slide_roots=[lesion_model.slides_dir], read_batch_size=8,
+        model_repo=lesion_model.repository,
+        slide_roots=[lesion_model.slides_dir],
+        read_batch_size=8,
     )
     work_dir = tmp_path_factory.mktemp("prometheus")
     with running_service(create_app(settings)) as service_url:
@@ -119,8 +127,9 @@ def scraped(lesion_model, tmp_path_factory):
         xmag_job["static_configs"] = [{"targets": [service_url.removeprefix("http://")]}]
         config_path = work_dir / "prometheus.yml"
         config_path.write_text(yaml.safe_dump(config))
-        check = subprocess.run([debian_tool("promtool"), "check", "config", str(config_path)], capture_output=True,
-                               text=True)
+        check = subprocess.run(
+            [debian_tool("promtool"), "check", "config", str(config_path)], capture_output=True, text=True
+        )
         assert check.returncode == 0, check.stdout + check.stderr
 
         with running_prometheus(config_path, work_dir) as prometheus_url:
@@ -137,8 +146,9 @@ def scraped(lesion_model, tmp_path_factory):
 
 
 def test_the_project_scrape_config_passes_promtool():
-    check = subprocess.run([debian_tool("promtool"), "check", "config", str(SCRAPE_CONFIG)], capture_output=True,
-                           text=True)
+    check = subprocess.run(
+        [debian_tool("promtool"), "check", "config", str(SCRAPE_CONFIG)], capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stdout + check.stderr
 
 
@@ -153,9 +163,7 @@ def test_the_dashboard_uses_the_provisioned_data_source():
     assert len(panel_ids) == len(set(panel_ids))
 
 
-@pytest.mark.parametrize(
-    "title, expression", [item for item in dashboard_expressions() if not reads_a_gpu(item[1])]
-)
+@pytest.mark.parametrize("title, expression", [item for item in dashboard_expressions() if not reads_a_gpu(item[1])])
 def test_every_dashboard_expression_returns_data(scraped, title, expression):
     samples = query(scraped, expression)
     assert samples, f"panel {title!r}: no data for {expression}"
@@ -179,5 +187,7 @@ def test_gpu_panels(scraped):
         else:
             assert samples == [], f"panel {title!r}: data without a GPU: {samples}"
     if not visible_gpus:
-        pytest.skip(f"no NVIDIA GPU here ({GpuCollector().unavailable_reason}): the GPU panels were checked to be "
-                    "empty, not to return data")
+        pytest.skip(
+            f"no NVIDIA GPU here ({GpuCollector().unavailable_reason}): the GPU panels were checked to be "
+            "empty, not to return data"
+        )

@@ -54,7 +54,9 @@ def exported(tmp_path_factory):
 
 def test_encoder_onnx_matches_torch_at_batch_1_and_7(exported):
     root, encoder, _, manifest = exported
-    session = onnxruntime.InferenceSession(str(root / "repo/tiny_dinov2/1/model.onnx"), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(
+        str(root / "repo/tiny_dinov2/1/model.onnx"), providers=["CPUExecutionProvider"]
+    )
     assert [i.type for i in session.get_inputs()] == ["tensor(uint8)"]
     rng = np.random.default_rng(1)
     for batch in (1, 7):
@@ -227,11 +229,17 @@ def test_a_tensorrt_plan_for_this_gpu_comes_first(exported):
     repository = load_model_repository(exported[0] / "repo")
     onnx_encoder = repository.manifest.artifact("tiny_dinov2")
     plan = onnx_encoder.model_copy(
-        update={"name": "tiny_dinov2_trt", "runtime": "tensorrt", "precision": "fp16",
-                "compute_capability": "9.0", "tensorrt_version": "10.8.0"}
+        update={
+            "name": "tiny_dinov2_trt",
+            "runtime": "tensorrt",
+            "precision": "fp16",
+            "compute_capability": "9.0",
+            "tensorrt_version": "10.8.0",
+        }
     )
     with_plan = dataclasses.replace(
-        repository, manifest=repository.manifest.model_copy(update={"artifacts": [*repository.manifest.artifacts, plan]})
+        repository,
+        manifest=repository.manifest.model_copy(update={"artifacts": [*repository.manifest.artifacts, plan]}),
     )
     providers = ("CUDAExecutionProvider", "CPUExecutionProvider")
     assert choose_encoder_artifact(with_plan, Hardware("9.0", "10.8.0", providers)).runtime == "tensorrt"
@@ -290,8 +298,15 @@ def test_import_phikon_hf_vit(tmp_path):
     import transformers
 
     reference = transformers.ViTModel(
-        transformers.ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                               image_size=224, patch_size=16, layer_norm_eps=1e-12),
+        transformers.ViTConfig(
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            image_size=224,
+            patch_size=16,
+            layer_norm_eps=1e-12,
+        ),
         add_pooling_layer=False,
     )
     source = tmp_path / "model.safetensors"

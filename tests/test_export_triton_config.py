@@ -68,9 +68,7 @@ def test_onnx_encoder_config_parses_as_triton_reads_it(model_config_pb2):
     pb2 = model_config_pb2
     config = parse(
         pb2,
-        onnx_encoder_config(
-            "xmag_student", preferred_batch_sizes=[256, 64], max_queue_delay_microseconds=500
-        ),
+        onnx_encoder_config("xmag_student", preferred_batch_sizes=[256, 64], max_queue_delay_microseconds=500),
     )
 
     assert config.name == "xmag_student"
@@ -98,9 +96,7 @@ def test_onnx_encoder_config_parses_as_triton_reads_it(model_config_pb2):
 
 def test_int8_encoder_runs_on_the_cpu_and_batches_to_its_maximum(model_config_pb2):
     pb2 = model_config_pb2
-    config = parse(
-        pb2, onnx_encoder_config("xmag_student_int8", max_batch_size=64, instance_kind="KIND_CPU")
-    )
+    config = parse(pb2, onnx_encoder_config("xmag_student_int8", max_batch_size=64, instance_kind="KIND_CPU"))
 
     assert config.name == "xmag_student_int8"
     assert config.max_batch_size == 64
@@ -115,9 +111,7 @@ def test_tensorrt_encoder_config_maps_compute_capabilities_to_engines(model_conf
     engines = {"9.0": "model.sm90.trt10.8.0.plan", "8.9": "model.sm89.trt10.8.0.plan"}
     config = parse(
         pb2,
-        tensorrt_encoder_config(
-            "xmag_student_trt", cc_model_filenames=engines, max_batch_size=128, instance_count=2
-        ),
+        tensorrt_encoder_config("xmag_student_trt", cc_model_filenames=engines, max_batch_size=128, instance_count=2),
     )
 
     assert config.platform == "tensorrt_plan"
@@ -187,10 +181,7 @@ def test_field_numbers_match_triton(model_config_pb2):
         (pb2.ModelInstanceGroup, "count"): 2,
         (pb2.ModelDynamicBatching, "max_queue_delay_microseconds"): 2,
     }
-    actual = {
-        (message, name): message.DESCRIPTOR.fields_by_name[name].number
-        for message, name in expected
-    }
+    actual = {(message, name): message.DESCRIPTOR.fields_by_name[name].number for message, name in expected}
     assert actual == expected
 
 

@@ -19,7 +19,9 @@ def demo_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("main_job")
     completed = subprocess.run(
         [sys.executable, "-m", "xmag", "demo", "--out", "out"],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True,
+        text=True,
+        timeout=900,
         cwd=workdir,  # the demo repository is built under the working directory
     )
     return workdir, completed
@@ -46,7 +48,9 @@ def test_classify_in_process_with_the_demo_repository(demo_run, monkeypatch):
     workdir, completed = demo_run
     assert completed.returncode == 0, "the main job failed; see the test above"
     monkeypatch.chdir(workdir)
-    result = CliRunner().invoke(app, ["classify", "out/demo/demo_slide.svs", "--model-repo", "model_repo/demo", "--out", "offline"])
+    result = CliRunner().invoke(
+        app, ["classify", "out/demo/demo_slide.svs", "--model-repo", "model_repo/demo", "--out", "offline"]
+    )
     assert result.exit_code == 0, result.output
     assert "UNTRAINED DEMO WEIGHTS" in result.output and "demo_lesion:" in result.output
     offline = json.loads((workdir / "offline/demo_slide.result.json").read_text())

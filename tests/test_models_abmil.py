@@ -80,9 +80,7 @@ def test_one_feature_tensor_feeds_every_head():
 
 
 def test_from_class_names_sizes_each_head():
-    heads = SlideHeads.from_class_names(
-        {"rcc": ["ccRCC", "pRCC", "chRCC"], "brca": ["low", "high"]}, in_dim=64
-    )
+    heads = SlideHeads.from_class_names({"rcc": ["ccRCC", "pRCC", "chRCC"], "brca": ["low", "high"]}, in_dim=64)
     logits = {task: out[0].shape for task, out in heads(features(5, dim=64)).items()}
     assert logits == {"rcc": (3,), "brca": (2,)}
 

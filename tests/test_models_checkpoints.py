@@ -49,9 +49,7 @@ def random_images(config: ViTConfig, batch: int = 2) -> torch.Tensor:
 TINY_REG4 = dataclasses.replace(get_vit_config("tiny_dinov2"), num_register_tokens=4)
 
 
-def dinov2_hub_state_dict(
-    model: VisionTransformer, stored_grid: int = 37
-) -> dict[str, torch.Tensor]:
+def dinov2_hub_state_dict(model: VisionTransformer, stored_grid: int = 37) -> dict[str, torch.Tensor]:
     """What an official hub file of `model`'s architecture looks like (518 px pos_embed)."""
     state_dict = {k: v.clone() for k, v in model.state_dict().items()}
     width = model.embed_dim

@@ -25,8 +25,14 @@ TO_TRANSFORMERS_4 = {
 
 def _tiny_phikon_pair():
     hf_config = transformers.ViTConfig(
-        hidden_size=192, num_hidden_layers=2, num_attention_heads=3, intermediate_size=768,
-        image_size=224, patch_size=16, layer_norm_eps=1e-12, hidden_act="gelu",
+        hidden_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=768,
+        image_size=224,
+        patch_size=16,
+        layer_norm_eps=1e-12,
+        hidden_act="gelu",
     )
     torch.manual_seed(0)
     reference = transformers.ViTModel(hf_config, add_pooling_layer=True).eval()

@@ -31,8 +31,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def served(lesion_model):
     """(REST base URL, gRPC target) of one service on the lesion model."""
     settings = service_settings(
-        model_repo=lesion_model.repository, slide_roots=[lesion_model.slides_dir],
-        max_batch_size=64, read_batch_size=8, max_batch_wait_ms=20, max_concurrent_slides=4,
+        model_repo=lesion_model.repository,
+        slide_roots=[lesion_model.slides_dir],
+        max_batch_size=64,
+        read_batch_size=8,
+        max_batch_wait_ms=20,
+        max_concurrent_slides=4,
     )
     app = create_app(settings)
     with running_service(app) as base_url:
@@ -51,16 +55,26 @@ def request_for(path, **fields) -> pb.ClassifyRequest:
 
 def test_the_same_slide_gives_the_same_result_over_rest_and_every_rpc(served, stub, lesion_model):
     path = lesion_model.lesion_slide.path
-    rest = httpx.post(f"{served[0]}/v1/classify", json={"slide_path": str(path), "return_attention": True}, timeout=120).json()
+    rest = httpx.post(
+        f"{served[0]}/v1/classify", json={"slide_path": str(path), "return_attention": True}, timeout=120
+    ).json()
     unary = stub.Classify(request_for(path, return_attention=True), timeout=120)
     streamed = list(stub.ClassifyStream(request_for(path, return_attention=True), timeout=120))[-1].result
-    many = list(stub.ClassifyMany(iter([pb.ClassifyManyRequest(correlation_id="one", request=request_for(path, return_attention=True))]), timeout=120))
+    many = list(
+        stub.ClassifyMany(
+            iter([pb.ClassifyManyRequest(correlation_id="one", request=request_for(path, return_attention=True))]),
+            timeout=120,
+        )
+    )
     assert [answer.correlation_id for answer in many] == ["one"]
     coords = np.asarray(rest["attention"]["level0_coords"])
     weights = np.asarray(rest["attention"]["weights"][LESION_TASK])
     for result in (unary, streamed, many[0].result):
         assert result.slide.tile_count == rest["slide"]["tile_count"] == len(coords)
-        assert (result.slide.width_px, result.slide.read_level) == (rest["slide"]["width_px"], rest["slide"]["read_level"])
+        assert (result.slide.width_px, result.slide.read_level) == (
+            rest["slide"]["width_px"],
+            rest["slide"]["read_level"],
+        )
         assert result.model.manifest_sha256 == rest["model"]["manifest_sha256"] and result.model.kind == "trained"
         prediction = result.predictions[LESION_TASK]
         assert prediction.label == rest["predictions"][LESION_TASK]["label"] == "lesion"
@@ -132,7 +146,10 @@ def test_error_statuses_carry_the_rest_messages(served, stub, lesion_model):
     assert forbidden.details() == rest_message({"slide_path": "/etc/hosts"})
 
     unknown_task = failure(request_for(lesion_model.normal_slide.path, tasks=["grade"]))
-    assert unknown_task.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown task(s) ['grade']" in unknown_task.details()
+    assert (
+        unknown_task.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and "unknown task(s) ['grade']" in unknown_task.details()
+    )
 
     bad_mpp = failure(request_for(lesion_model.normal_slide.path, mpp=-1))
     assert bad_mpp.code() == grpc.StatusCode.INVALID_ARGUMENT and "mpp must be in" in bad_mpp.details()
@@ -243,8 +260,11 @@ def test_a_missing_or_wrong_api_key_is_unauthenticated(lesion_model):
         calls = {
             "Classify": lambda metadata: stub.Classify(request, metadata=metadata, timeout=60),
             "ClassifyStream": lambda metadata: list(stub.ClassifyStream(request, metadata=metadata, timeout=60)),
-            "ClassifyMany": lambda metadata: list(stub.ClassifyMany(
-                iter([pb.ClassifyManyRequest(correlation_id="a", request=request)]), metadata=metadata, timeout=60)),
+            "ClassifyMany": lambda metadata: list(
+                stub.ClassifyMany(
+                    iter([pb.ClassifyManyRequest(correlation_id="a", request=request)]), metadata=metadata, timeout=60
+                )
+            ),
             "ListModels": lambda metadata: stub.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=60),
         }
         for name, call in calls.items():
@@ -271,10 +291,19 @@ def test_lis_client_streams_a_folder(served, lesion_model, tmp_path):
     damage_tiles(lesion_model.normal_slide.path, folder / "c.svs", page_index=2, keep_bytes=0)
     damage_tiles(lesion_model.normal_slide.path, server_view / "c.svs", page_index=2, keep_bytes=0)
 
-    result = CliRunner().invoke(cli_app, [
-        "lis-client", str(folder), "--target", served[1], "--out", str(tmp_path / "results"),
-        "--server-folder", str(server_view),
-    ])
+    result = CliRunner().invoke(
+        cli_app,
+        [
+            "lis-client",
+            str(folder),
+            "--target",
+            served[1],
+            "--out",
+            str(tmp_path / "results"),
+            "--server-folder",
+            str(server_view),
+        ],
+    )
     assert result.exit_code == 1, result.output  # one slide failed
     assert "2 classified, 1 failed" in result.output and "failed: c.svs" in result.output
     written = sorted(path.name for path in (tmp_path / "results").iterdir())
@@ -292,7 +321,9 @@ def test_lis_client_reports_an_unreachable_service(tmp_path, lesion_model):
     folder = tmp_path / "incoming"
     folder.mkdir()
     shutil.copy(lesion_model.normal_slide.path, folder / "b.svs")
-    result = CliRunner().invoke(cli_app, ["lis-client", str(folder), "--target", "127.0.0.1:9", "--out", str(tmp_path / "r")])
+    result = CliRunner().invoke(
+        cli_app, ["lis-client", str(folder), "--target", "127.0.0.1:9", "--out", str(tmp_path / "r")]
+    )
     assert result.exit_code == 2 and "ended with UNAVAILABLE" in result.output
 
 

@@ -41,8 +41,12 @@ API_KEY = "test-key-0123456789abcdef"
 def service(lesion_model):
     """The service as `xmag serve` builds it: repository verified, backend chosen by measuring."""
     settings = service_settings(
-        model_repo=lesion_model.repository, slide_roots=[lesion_model.slides_dir],
-        max_batch_size=64, read_batch_size=8, max_batch_wait_ms=20, max_concurrent_slides=8,
+        model_repo=lesion_model.repository,
+        slide_roots=[lesion_model.slides_dir],
+        max_batch_size=64,
+        read_batch_size=8,
+        max_batch_wait_ms=20,
+        max_concurrent_slides=8,
     )
     with running_service(create_app(settings)) as base_url:
         yield base_url
@@ -162,12 +166,17 @@ def test_sixteen_concurrent_requests_fill_the_encoder_batches(service, lesion_mo
     text = httpx.get(f"{service}/metrics").text
     assert metric_value(text, "xmag_queue_depth") == 0 and metric_value(text, "xmag_inflight_slides") == 0
     assert metric_value(text, "xmag_slides_total", 'outcome="ok"') >= 17
-    for name in ("xmag_slide_duration_seconds_count", "xmag_tiles_encoded_total", "xmag_scheduler_pending_tiles",
-                 "xmag_ready", "xmag_encoder_batch_duration_seconds_count"):
+    for name in (
+        "xmag_slide_duration_seconds_count",
+        "xmag_tiles_encoded_total",
+        "xmag_scheduler_pending_tiles",
+        "xmag_ready",
+        "xmag_encoder_batch_duration_seconds_count",
+    ):
         assert name in text
     for stage in ("queue", "open", "tissue", "read", "encode", "heads"):
         assert metric_value(text, "xmag_stage_duration_seconds_count", f'stage="{stage}"') >= 17
-    assert 'xmag_model_info{' in text and 'name="tiny_lesion"' in text
+    assert "xmag_model_info{" in text and 'name="tiny_lesion"' in text
     assert 'xmag_requests_total{endpoint="/v1/classify",protocol="rest",status="200"}' in text
 
 
@@ -213,7 +222,9 @@ def test_missing_not_a_slide_corrupt_and_no_tissue(service, lesion_model):
     error_of(classify(service, slide_path=str(slides_dir / "notes.svs")), 415, "not_a_slide")
 
     damaged = slides_dir / "damaged.svs"
-    damage_tiles(lesion_model.normal_slide.path, damaged, page_index=2, first_tile=20, keep_bytes=2)  # level 1, mid-read
+    damage_tiles(
+        lesion_model.normal_slide.path, damaged, page_index=2, first_tile=20, keep_bytes=2
+    )  # level 1, mid-read
     error_of(classify(service, slide_path=str(damaged)), 422, "corrupt_slide")
 
     blank = make_synthetic_slide(slides_dir / "blank.svs", width_px=4000, height_px=3000, tissue="none")
@@ -252,7 +263,9 @@ def test_a_body_that_is_not_json_is_refused_in_the_error_shape(service):
 
 
 def test_an_unknown_task_is_422(service, lesion_model):
-    message = error_of(classify(service, slide_path=str(lesion_model.normal_slide.path), tasks=["grade"]), 422, "unknown_task")
+    message = error_of(
+        classify(service, slide_path=str(lesion_model.normal_slide.path), tasks=["grade"]), 422, "unknown_task"
+    )
     assert "['grade']" in message and "['lesion']" in message
 
 
@@ -404,11 +417,17 @@ def test_api_keys(lesion_model):
         missing = httpx.post(f"{base_url}/v1/classify", json={"slide_path": path})
         assert "Authorization: Bearer" in error_of(missing, 401, "unauthorised")
         assert missing.headers["WWW-Authenticate"] == "Bearer"
-        wrong = httpx.post(f"{base_url}/v1/classify", json={"slide_path": path}, headers={"Authorization": "Bearer nope"})
+        wrong = httpx.post(
+            f"{base_url}/v1/classify", json={"slide_path": path}, headers={"Authorization": "Bearer nope"}
+        )
         error_of(wrong, 401, "unauthorised")
         error_of(httpx.get(f"{base_url}/v1/models"), 401, "unauthorised")
-        good = httpx.post(f"{base_url}/v1/classify", json={"slide_path": path},
-                          headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
+        good = httpx.post(
+            f"{base_url}/v1/classify",
+            json={"slide_path": path},
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            timeout=120,
+        )
         assert good.status_code == 200
         # Probes and the scrape stay open: they carry no slide data.
         assert httpx.get(f"{base_url}/healthz").status_code == 200
@@ -435,7 +454,9 @@ def test_settings_come_from_the_environment(monkeypatch, tmp_path):
 def test_openapi_schema_describes_the_api(service):
     schema = httpx.get(f"{service}/openapi.json").json()
     classify_operation = schema["paths"]["/v1/classify"]["post"]
-    assert {"200", "400", "401", "403", "404", "413", "415", "422", "429", "503", "504"} <= set(classify_operation["responses"])
+    assert {"200", "400", "401", "403", "404", "413", "415", "422", "429", "503", "504"} <= set(
+        classify_operation["responses"]
+    )
     assert json.dumps(classify_operation["responses"]["422"]).count("ErrorResponse") == 1
 
 
@@ -443,14 +464,28 @@ def test_schemathesis_finds_no_server_error(service, tmp_path):
     """Property-based requests generated from the OpenAPI schema; bounded in examples and time."""
     completed = subprocess.run(
         [
-            str(Path(sys.executable).with_name("schemathesis")), "run", f"{service}/openapi.json",
-            "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
-            "--max-examples", "15", "--seed", "1", "--request-timeout", "60", "--workers", "2",
+            str(Path(sys.executable).with_name("schemathesis")),
+            "run",
+            f"{service}/openapi.json",
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+            "--max-examples",
+            "15",
+            "--seed",
+            "1",
+            "--request-timeout",
+            "60",
+            "--workers",
+            "2",
             # The coverage phase crashes inside hypothesis on CPython 3.11 ("AST constructor recursion
             # depth mismatch"), before sending anything, so only the examples and fuzzing phases run.
-            "--phases", "examples,fuzzing", "--no-color",
+            "--phases",
+            "examples,fuzzing",
+            "--no-color",
         ],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
         cwd=tmp_path,  # schemathesis keeps a cache in its working directory
     )
     print(completed.stdout[-3000:])
@@ -462,7 +497,9 @@ def test_serve_refuses_bad_flags_clearly(tmp_path):
 
     from xmag.cli import app
 
-    missing_root = CliRunner().invoke(app, ["serve", "--slide-root", str(tmp_path / "absent"), "--model-repo", str(tmp_path)])
+    missing_root = CliRunner().invoke(
+        app, ["serve", "--slide-root", str(tmp_path / "absent"), "--model-repo", str(tmp_path)]
+    )
     assert missing_root.exit_code == 2 and "do not exist or are not directories" in missing_root.output
     not_a_repository = CliRunner().invoke(app, ["serve", "--slide-root", str(tmp_path), "--model-repo", str(tmp_path)])
     assert not_a_repository.exit_code == 2 and "is not a model repository" in not_a_repository.output

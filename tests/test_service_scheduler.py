@@ -25,7 +25,11 @@ class GatedEncoder:
         self.encoder = encoder
         self.gate = threading.Event()
         self.batch_sizes: list[int] = []
-        self.description, self.tile_size_px, self.embed_dim = encoder.description, encoder.tile_size_px, encoder.embed_dim
+        self.description, self.tile_size_px, self.embed_dim = (
+            encoder.description,
+            encoder.tile_size_px,
+            encoder.embed_dim,
+        )
 
     def encode(self, tiles):
         self.gate.wait(timeout=30)
@@ -43,11 +47,15 @@ def test_chunks_of_concurrent_callers_share_batches_and_get_their_own_rows(encod
     chunks = [random_tiles(8, seed) for seed in range(8)]
     results: dict[int, np.ndarray] = {}
     try:
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, scheduler.encode(chunks[i]))) for i in range(8)]
+        threads = [
+            threading.Thread(target=lambda i=i: results.__setitem__(i, scheduler.encode(chunks[i]))) for i in range(8)
+        ]
         for thread in threads:
             thread.start()
         deadline = time.monotonic() + 10
-        while scheduler.pending_tiles < 64 - 8 and time.monotonic() < deadline:  # the worker holds one batch at the gate
+        while (
+            scheduler.pending_tiles < 64 - 8 and time.monotonic() < deadline
+        ):  # the worker holds one batch at the gate
             time.sleep(0.01)
         gated.gate.set()
         for thread in threads:

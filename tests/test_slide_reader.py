@@ -34,9 +34,10 @@ def test_facts_of_a_40x_slide(slide_40x, backend):
 def test_backends_agree_on_facts_and_pixels(slide_20x):
     require_cucim()
     rng = np.random.default_rng(0)
-    with open_slide(slide_20x.path, backend="openslide") as openslide_reader, open_slide(
-        slide_20x.path, backend="cucim"
-    ) as cucim_reader:
+    with (
+        open_slide(slide_20x.path, backend="openslide") as openslide_reader,
+        open_slide(slide_20x.path, backend="cucim") as cucim_reader,
+    ):
         a, b = openslide_reader.info, cucim_reader.info
         assert (a.level_dimensions, a.level_downsamples, a.mpp, a.objective_power, a.vendor) == (
             b.level_dimensions,

@@ -53,9 +53,7 @@ def test_detected_as_aperio_with_resolution(twin_20x, twin_40x, magnification):
     assert slide.mpp == pytest.approx(10 / magnification)
 
 
-@pytest.mark.parametrize(
-    ("write_mpp", "write_objective_power"), [(False, True), (True, False), (False, False)]
-)
+@pytest.mark.parametrize(("write_mpp", "write_objective_power"), [(False, True), (True, False), (False, False)])
 def test_missing_resolution_metadata(tmp_path, write_mpp, write_objective_power):
     slide = make_synthetic_slide(
         tmp_path / "bare.svs", **SMALL, write_mpp=write_mpp, write_objective_power=write_objective_power

@@ -44,9 +44,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 def test_iou_against_planted_tissue(tmp_path, variant):
     magnification = variant.get("base_magnification", 20)
     scale = magnification // 20
-    slide = make_synthetic_slide(
-        tmp_path / "slide.svs", width_px=8_000 * scale, height_px=6_000 * scale, **variant
-    )
+    slide = make_synthetic_slide(tmp_path / "slide.svs", width_px=8_000 * scale, height_px=6_000 * scale, **variant)
     tissue = _detected(slide)
     truth = _ground_truth(slide, tissue.mask.shape)
     assert truth.any()

@@ -204,7 +204,10 @@ def test_two_services_sharing_one_triton_answer_as_the_in_process_onnxruntime_se
     # Two replicas on one Triton, as in the pool topology, each classifying the slide at the same time.
     triton_settings = service_settings(**common, encoder_backend="triton", triton_url=triton.url)
     _, tiles_before = _served(triton, LESION_ENCODER)
-    with running_service(create_app(triton_settings)) as replica_a, running_service(create_app(triton_settings)) as replica_b:
+    with (
+        running_service(create_app(triton_settings)) as replica_a,
+        running_service(create_app(triton_settings)) as replica_b,
+    ):
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             answer, answer_b = pool.map(lambda base_url: _classify(base_url, slide), (replica_a, replica_b))
         models = httpx.get(f"{replica_a}/v1/models").json()

@@ -45,7 +45,9 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version."
+    ),
 ) -> None:
     """XMAG command line."""
 
@@ -55,15 +57,21 @@ def make_slide(
     output: Path = typer.Argument(..., help="Where to write the slide (.svs or .tif)."),
     width_px: int = typer.Option(12_000, "--width", help="Level-0 width in pixels."),
     height_px: int = typer.Option(9_000, "--height", help="Level-0 height in pixels."),
-    base_magnification: int = typer.Option(20, "--magnification", help="Scan magnification: 20 (0.5 µm/px) or 40 (0.25 µm/px)."),
-    levels: Optional[int] = typer.Option(None, help="Pyramid levels (4x apart); default: until the top level is small."),
+    base_magnification: int = typer.Option(
+        20, "--magnification", help="Scan magnification: 20 (0.5 µm/px) or 40 (0.25 µm/px)."
+    ),
+    levels: Optional[int] = typer.Option(
+        None, help="Pyramid levels (4x apart); default: until the top level is small."
+    ),
     lesions: int = typer.Option(0, help="Planted lesion regions (ground truth written beside the slide)."),
     seed: int = typer.Option(0, help="Random seed of the tissue layout and texture."),
     tissue: str = typer.Option("blobs", help="blobs, full (all tissue) or none (blank glass)."),
     background: str = typer.Option("white", help="white or grey scanner background."),
     faint: bool = typer.Option(False, help="Pale, weakly stained tissue."),
     mpp: bool = typer.Option(True, "--mpp/--no-mpp", help="Write the MPP into the metadata."),
-    objective_power: bool = typer.Option(True, "--objective-power/--no-objective-power", help="Write the objective power."),
+    objective_power: bool = typer.Option(
+        True, "--objective-power/--no-objective-power", help="Write the objective power."
+    ),
 ) -> None:
     """Write a synthetic pyramidal JPEG-tiled TIFF with Aperio metadata (for demos and tests)."""
     from xmag.slide.synthetic import make_synthetic_slide
@@ -87,7 +95,9 @@ def make_slide(
             )
     except (XmagError, ValueError, OSError) as error:
         _fail(error)
-    typer.echo(f"wrote {slide.path} ({width_px} x {height_px} px at {base_magnification}x, {len(slide.level_sizes_px)} levels)")
+    typer.echo(
+        f"wrote {slide.path} ({width_px} x {height_px} px at {base_magnification}x, {len(slide.level_sizes_px)} levels)"
+    )
     typer.echo(f"ground truth: {slide.tissue_mask_path}, {slide.lesion_mask_path}")
 
 
@@ -126,8 +136,12 @@ def tiles(
     target_mpp: float = typer.Option(2.0, help="Microns per pixel of the tiles (2.0 = 5x, 0.5 = 20x)."),
     tile_size_px: int = typer.Option(224, "--tile-size", help="Tile side in pixels at target_mpp."),
     min_tissue_fraction: float = typer.Option(0.5, "--min-tissue", help="Keep tiles at least this fraction tissue."),
-    preview: Optional[Path] = typer.Option(None, help="Write a PNG of the thumbnail with the tissue mask and tile grid."),
-    fallback_mpp: Optional[float] = typer.Option(None, "--mpp", help="Scan resolution to use if the slide states none."),
+    preview: Optional[Path] = typer.Option(
+        None, help="Write a PNG of the thumbnail with the tissue mask and tile grid."
+    ),
+    fallback_mpp: Optional[float] = typer.Option(
+        None, "--mpp", help="Scan resolution to use if the slide states none."
+    ),
     backend: str = typer.Option("openslide", help="Reader: openslide (default, strict) or cucim (faster per core)."),
 ) -> None:
     """Detect tissue and plan the tile grid; print the tile count (and optionally draw it)."""
@@ -162,7 +176,12 @@ def _write_grid_preview(path: Path, thumbnail, tissue, grid) -> None:
     scale = tissue.level0_px_per_mask_px
     for x, y in grid.level0_coords:
         draw.rectangle(
-            [x / scale, y / scale, (x + grid.tile_size_level0_px) / scale - 1, (y + grid.tile_size_level0_px) / scale - 1],
+            [
+                x / scale,
+                y / scale,
+                (x + grid.tile_size_level0_px) / scale - 1,
+                (y + grid.tile_size_level0_px) / scale - 1,
+            ],
             outline=(0, 0, 255),
         )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,18 +190,28 @@ def _write_grid_preview(path: Path, thumbnail, tissue, grid) -> None:
 
 @app.command()
 def classify(
-    slide_path: Optional[Path] = typer.Argument(None, help="Slide file; default: generate and classify the demo slide."),
+    slide_path: Optional[Path] = typer.Argument(
+        None, help="Slide file; default: generate and classify the demo slide."
+    ),
     output_dir: Path = typer.Option(Path("out"), "--out", help="Where to write the heatmap PNG and the result JSON."),
     model_repo: Optional[Path] = typer.Option(
         None, help="Verified model repository (xmag export); default: the demo repository, built on first use."
     ),
-    weights: Optional[Path] = typer.Option(None, help="Run a checkpoint in torch instead of a repository (encoder; heads if stored)."),
-    weights_format: str = typer.Option("auto", help="Checkpoint format: auto, xmag, dinov2_hub, timm, xmag_release, hf_vit."),
+    weights: Optional[Path] = typer.Option(
+        None, help="Run a checkpoint in torch instead of a repository (encoder; heads if stored)."
+    ),
+    weights_format: str = typer.Option(
+        "auto", help="Checkpoint format: auto, xmag, dinov2_hub, timm, xmag_release, hf_vit."
+    ),
     encoder_config: str = typer.Option("xmag_vitb14", help="Architecture for non-xmag checkpoints."),
-    backend: str = typer.Option("openslide", help="Slide reader: openslide (default, strict) or cucim (faster per core)."),
+    backend: str = typer.Option(
+        "openslide", help="Slide reader: openslide (default, strict) or cucim (faster per core)."
+    ),
     batch_size: int = typer.Option(16, help="Tiles per encoder batch."),
     precision: str = typer.Option("fp32", help="With --weights: fp32, or bf16 (autocast; ~3x faster on CPUs)."),
-    fallback_mpp: Optional[float] = typer.Option(None, "--mpp", help="Scan resolution to use if the slide states none."),
+    fallback_mpp: Optional[float] = typer.Option(
+        None, "--mpp", help="Scan resolution to use if the slide states none."
+    ),
 ) -> None:
     """Classify one slide in-process: tissue, 5x tiles, encoder, MIL heads, attention heatmap."""
     from export.demo import DEMO_REPOSITORY, ensure_demo_repository
@@ -265,7 +294,9 @@ def _runtimes_from_checkpoint(weights: Path, weights_format: str, encoder_config
 
 @app.command()
 def demo(
-    output_dir: Path = typer.Option(Path("out"), "--out", help="Where to write the demo slide, heatmaps, GeoJSON and result."),
+    output_dir: Path = typer.Option(
+        Path("out"), "--out", help="Where to write the demo slide, heatmaps, GeoJSON and result."
+    ),
 ) -> None:
     """The main job: start the service on the demo repository, classify the demo slide via POST /v1/classify."""
     from service.demo import run_demo
@@ -280,32 +311,65 @@ def demo(
 
 @app.command()
 def serve(
-    model_repo: Optional[Path] = typer.Option(None, help="Verified model repository; default: the demo repository. [env XMAG_MODEL_REPO]"),
-    slide_root: Optional[list[Path]] = typer.Option(
-        None, "--slide-root", help="Directory slides may be read from (repeatable); default: out/demo. [env XMAG_SLIDE_ROOTS, comma-separated]"
+    model_repo: Optional[Path] = typer.Option(
+        None, help="Verified model repository; default: the demo repository. [env XMAG_MODEL_REPO]"
     ),
-    host: Optional[str] = typer.Option(None, help="Address to listen on; default 127.0.0.1 (loopback). [env XMAG_HOST]"),
+    slide_root: Optional[list[Path]] = typer.Option(
+        None,
+        "--slide-root",
+        help="Directory slides may be read from (repeatable); default: out/demo. [env XMAG_SLIDE_ROOTS, comma-separated]",
+    ),
+    host: Optional[str] = typer.Option(
+        None, help="Address to listen on; default 127.0.0.1 (loopback). [env XMAG_HOST]"
+    ),
     port: Optional[int] = typer.Option(None, help="REST port; default 8000. [env XMAG_PORT]"),
-    grpc: Optional[bool] = typer.Option(None, "--grpc/--no-grpc", help="Serve gRPC beside REST (default). [env XMAG_GRPC]"),
+    grpc: Optional[bool] = typer.Option(
+        None, "--grpc/--no-grpc", help="Serve gRPC beside REST (default). [env XMAG_GRPC]"
+    ),
     grpc_port: Optional[int] = typer.Option(None, help="gRPC port; default 50051. [env XMAG_GRPC_PORT]"),
-    reader_backend: Optional[str] = typer.Option(None, help="Slide reader: openslide or cucim. [env XMAG_READER_BACKEND]"),
-    encoder_backend: Optional[str] = typer.Option(None, help="auto (fastest correct, measured at start), torch, onnxruntime, tensorrt or triton. [env XMAG_ENCODER_BACKEND]"),
+    reader_backend: Optional[str] = typer.Option(
+        None, help="Slide reader: openslide or cucim. [env XMAG_READER_BACKEND]"
+    ),
+    encoder_backend: Optional[str] = typer.Option(
+        None,
+        help="auto (fastest correct, measured at start), torch, onnxruntime, tensorrt or triton. [env XMAG_ENCODER_BACKEND]",
+    ),
     precision: Optional[str] = typer.Option(None, help="auto, fp32, bf16, fp16 or int8. [env XMAG_PRECISION]"),
-    triton_url: Optional[str] = typer.Option(None, help="host:port of Triton's gRPC endpoint, for --encoder-backend triton. [env XMAG_TRITON_URL]"),
-    triton_model: Optional[str] = typer.Option(None, help="The encoder's model name in Triton; default: the repository's fp32 ONNX encoder. [env XMAG_TRITON_MODEL]"),
-    triton_timeout_s: Optional[float] = typer.Option(None, help="Longest Triton may take to answer one batch; default 30. [env XMAG_TRITON_TIMEOUT_S]"),
-    triton_ready_timeout_s: Optional[float] = typer.Option(None, help="How long Triton may take at start to have the model ready; default 120. [env XMAG_TRITON_READY_TIMEOUT_S]"),
+    triton_url: Optional[str] = typer.Option(
+        None, help="host:port of Triton's gRPC endpoint, for --encoder-backend triton. [env XMAG_TRITON_URL]"
+    ),
+    triton_model: Optional[str] = typer.Option(
+        None,
+        help="The encoder's model name in Triton; default: the repository's fp32 ONNX encoder. [env XMAG_TRITON_MODEL]",
+    ),
+    triton_timeout_s: Optional[float] = typer.Option(
+        None, help="Longest Triton may take to answer one batch; default 30. [env XMAG_TRITON_TIMEOUT_S]"
+    ),
+    triton_ready_timeout_s: Optional[float] = typer.Option(
+        None,
+        help="How long Triton may take at start to have the model ready; default 120. [env XMAG_TRITON_READY_TIMEOUT_S]",
+    ),
     max_batch_size: Optional[int] = typer.Option(None, help="Most tiles per encoder batch, across slides; default 64."),
     read_batch_size: Optional[int] = typer.Option(None, help="Tiles a slide hands the encoder at a time; default 16."),
-    max_batch_wait_ms: Optional[float] = typer.Option(None, help="How long a partial batch waits for more tiles; default 5."),
+    max_batch_wait_ms: Optional[float] = typer.Option(
+        None, help="How long a partial batch waits for more tiles; default 5."
+    ),
     reader_threads: Optional[int] = typer.Option(None, help="Decoding threads per slide; default 2."),
     max_concurrent_slides: Optional[int] = typer.Option(None, help="Slides processed at once; default 4."),
-    max_queued_slides: Optional[int] = typer.Option(None, help="Slides that may wait beyond those (more get 429); default 32."),
+    max_queued_slides: Optional[int] = typer.Option(
+        None, help="Slides that may wait beyond those (more get 429); default 32."
+    ),
     max_tiles_per_slide: Optional[int] = typer.Option(None, help="Larger slides get 413; default 20000."),
-    request_timeout_s: Optional[float] = typer.Option(None, help="Longest a slide may take, queueing included; default 600."),
-    result_cache_size: Optional[int] = typer.Option(None, help="Recent results whose heatmaps can be fetched; default 32."),
+    request_timeout_s: Optional[float] = typer.Option(
+        None, help="Longest a slide may take, queueing included; default 600."
+    ),
+    result_cache_size: Optional[int] = typer.Option(
+        None, help="Recent results whose heatmaps can be fetched; default 32."
+    ),
     api_key: Optional[list[str]] = typer.Option(
-        None, "--api-key", help="Require 'Authorization: Bearer <key>' (repeatable). Prefer XMAG_API_KEYS, which ps does not show."
+        None,
+        "--api-key",
+        help="Require 'Authorization: Bearer <key>' (repeatable). Prefer XMAG_API_KEYS, which ps does not show.",
     ),
     log_level: Optional[str] = typer.Option(None, help="debug, info, warning or error. [env XMAG_LOG_LEVEL]"),
 ) -> None:
@@ -319,16 +383,30 @@ def serve(
     from service.settings import ServiceSettings
 
     given = {
-        "model_repo": model_repo, "slide_roots": slide_root or None, "host": host, "port": port,
-        "grpc": grpc, "grpc_port": grpc_port,
-        "reader_backend": reader_backend, "encoder_backend": encoder_backend, "precision": precision,
-        "triton_url": triton_url, "triton_model": triton_model, "triton_timeout_s": triton_timeout_s,
+        "model_repo": model_repo,
+        "slide_roots": slide_root or None,
+        "host": host,
+        "port": port,
+        "grpc": grpc,
+        "grpc_port": grpc_port,
+        "reader_backend": reader_backend,
+        "encoder_backend": encoder_backend,
+        "precision": precision,
+        "triton_url": triton_url,
+        "triton_model": triton_model,
+        "triton_timeout_s": triton_timeout_s,
         "triton_ready_timeout_s": triton_ready_timeout_s,
-        "max_batch_size": max_batch_size, "read_batch_size": read_batch_size, "max_batch_wait_ms": max_batch_wait_ms,
-        "reader_threads": reader_threads, "max_concurrent_slides": max_concurrent_slides,
-        "max_queued_slides": max_queued_slides, "max_tiles_per_slide": max_tiles_per_slide,
-        "request_timeout_s": request_timeout_s, "result_cache_size": result_cache_size,
-        "api_keys": api_key or None, "log_level": log_level,
+        "max_batch_size": max_batch_size,
+        "read_batch_size": read_batch_size,
+        "max_batch_wait_ms": max_batch_wait_ms,
+        "reader_threads": reader_threads,
+        "max_concurrent_slides": max_concurrent_slides,
+        "max_queued_slides": max_queued_slides,
+        "max_tiles_per_slide": max_tiles_per_slide,
+        "request_timeout_s": request_timeout_s,
+        "result_cache_size": result_cache_size,
+        "api_keys": api_key or None,
+        "log_level": log_level,
     }
     try:
         settings = ServiceSettings(**{name: value for name, value in given.items() if value is not None})
@@ -349,7 +427,11 @@ def serve(
         _fail(ValueError(f"slide root(s) {missing} do not exist or are not directories"))
     if settings.model_repo is not None and not (settings.model_repo / "manifest.json").is_file():
         # Caught here for a clear exit; a repository that is there but damaged is reported by /readyz.
-        _fail(ValueError(f"{settings.model_repo} is not a model repository (no manifest.json); build one with `xmag export`"))
+        _fail(
+            ValueError(
+                f"{settings.model_repo} is not a model repository (no manifest.json); build one with `xmag export`"
+            )
+        )
     grpc_note = f", gRPC on {settings.host}:{settings.grpc_port}" if settings.grpc else ""
     typer.echo(
         f"serving REST on http://{settings.host}:{settings.port}{grpc_note} (slide roots: "
@@ -371,7 +453,9 @@ def lis_client(
     target: str = typer.Option("127.0.0.1:50051", help="The service's gRPC address, host:port."),
     output_dir: Path = typer.Option(Path("results"), "--out", help="Where to write one JSON per slide."),
     server_folder: Optional[str] = typer.Option(None, help="Where the service sees FOLDER; default: the same path."),
-    api_key: Optional[str] = typer.Option(None, envvar="XMAG_API_KEY", help="API key, sent as 'authorization: Bearer'. [env XMAG_API_KEY]"),
+    api_key: Optional[str] = typer.Option(
+        None, envvar="XMAG_API_KEY", help="API key, sent as 'authorization: Bearer'. [env XMAG_API_KEY]"
+    ),
     task: Optional[list[str]] = typer.Option(None, "--task", help="Task to run (repeatable); default: every task."),
     return_attention: bool = typer.Option(False, help="Include tile coordinates and attention in each result."),
     timeout_s: Optional[float] = typer.Option(None, help="Give up on a slide after this many seconds."),
@@ -384,10 +468,19 @@ def lis_client(
     from service.lis_client import classify_folder, find_slides
 
     try:
-        with tqdm(total=len(find_slides(folder)), unit="slide", desc="classifying", file=sys.stderr, disable=None) as bar:
+        with tqdm(
+            total=len(find_slides(folder)), unit="slide", desc="classifying", file=sys.stderr, disable=None
+        ) as bar:
             summary = classify_folder(
-                target, folder, output_dir, server_folder=server_folder, api_key=api_key, tasks=task or None,
-                return_attention=return_attention, timeout_s=timeout_s, on_answer=lambda _: bar.update(1),
+                target,
+                folder,
+                output_dir,
+                server_folder=server_folder,
+                api_key=api_key,
+                tasks=task or None,
+                return_attention=return_attention,
+                timeout_s=timeout_s,
+                on_answer=lambda _: bar.update(1),
             )
     except (XmagError, OSError) as error:
         _fail(error)
@@ -400,12 +493,18 @@ def lis_client(
 
 @app.command()
 def bench(
-    output_dir: Path = typer.Option(Path("out/bench"), "--out", help="Where to write results.json, results.md and the plots."),
+    output_dir: Path = typer.Option(
+        Path("out/bench"), "--out", help="Where to write results.json, results.md and the plots."
+    ),
     slides: int = typer.Option(2, help="Benchmark glasses (each generated once, ~554 tiles at 5x, ~6,260 at 20x)."),
-    configs: str = typer.Option("xmag,naive_xmag,uni2h,phikon", help="Configurations, comma-separated: xmag, naive_xmag, uni2h, phikon."),
+    configs: str = typer.Option(
+        "xmag,naive_xmag,uni2h,phikon", help="Configurations, comma-separated: xmag, naive_xmag, uni2h, phikon."
+    ),
     scan_40x: bool = typer.Option(True, help="Also run XMAG on the same glasses scanned at 40x."),
     max_tiles: Optional[list[str]] = typer.Option(
-        None, "--max-tiles", help="NAME=N: encode the first N tiles per slide and extrapolate (NAME=all: every tile). "
+        None,
+        "--max-tiles",
+        help="NAME=N: encode the first N tiles per slide and extrapolate (NAME=all: every tile). "
         "Defaults without a GPU: uni2h=24, phikon=96, naive_xmag=96; with one: uni2h=2048, naive_xmag=512.",
     ),
     batch_size: Optional[int] = typer.Option(None, help="Tiles per encoder batch; default 16 on a CPU, 128 on a GPU."),
@@ -427,7 +526,9 @@ def bench(
     if unknown:
         _fail(ValueError(f"unknown configuration(s) {unknown}; choose from {sorted(CONFIGS)}"))
     gpu = torch.cuda.is_available()
-    limits: dict[str, int | None] = {"uni2h": 2048, "naive_xmag": 512} if gpu else {"uni2h": 24, "phikon": 96, "naive_xmag": 96}
+    limits: dict[str, int | None] = (
+        {"uni2h": 2048, "naive_xmag": 512} if gpu else {"uni2h": 24, "phikon": 96, "naive_xmag": 96}
+    )
     if quick:
         limits = {"uni2h": 8, "phikon": 8, "naive_xmag": 8}
     for item in max_tiles or []:
@@ -436,18 +537,27 @@ def bench(
             _fail(ValueError(f"--max-tiles takes NAME=N or NAME=all with NAME in {sorted(CONFIGS)}, got {item!r}"))
         limits[name] = None if value == "all" else int(value)
     try:
-        glasses = ensure_benchmark_slides(slides_dir, 1 if quick else slides, (20, 40) if scan_40x else (20,),
-                                          quick=quick, progress=typer.echo)
+        glasses = ensure_benchmark_slides(
+            slides_dir, 1 if quick else slides, (20, 40) if scan_40x else (20,), quick=quick, progress=typer.echo
+        )
     except (XmagError, OSError, ValueError) as error:
         _fail(error)
-    at = {magnification: tuple(str(g.path) for g in glasses if g.base_magnification == magnification) for magnification in (20, 40)}
+    at = {
+        magnification: tuple(str(g.path) for g in glasses if g.base_magnification == magnification)
+        for magnification in (20, 40)
+    }
     runs = [BenchRun(name, at[20], 20, limits.get(name)) for name in names]
     if scan_40x and "xmag" in names:
         runs.insert(names.index("xmag") + 1, BenchRun("xmag", at[40], 40, limits.get("xmag")))
     try:
         report = run_benchmark(
-            runs, output_dir, batch_size=batch_size or (128 if gpu else 16),
-            reader_threads=reader_threads or len(os.sched_getaffinity(0)), quick=quick, backend=backend, say=typer.echo,
+            runs,
+            output_dir,
+            batch_size=batch_size or (128 if gpu else 16),
+            reader_threads=reader_threads or len(os.sched_getaffinity(0)),
+            quick=quick,
+            backend=backend,
+            say=typer.echo,
         )
     except (BenchmarkError, XmagError, OSError) as error:
         _fail(error)
@@ -459,7 +569,9 @@ def bench(
 
 @app.command("import-weights")
 def import_weights_command(
-    source: Path = typer.Argument(..., help="Official weight file (XMAG release, DINOv2 hub, UNI2-h timm .bin, Phikon)."),
+    source: Path = typer.Argument(
+        ..., help="Official weight file (XMAG release, DINOv2 hub, UNI2-h timm .bin, Phikon)."
+    ),
     output: Path = typer.Argument(..., help="The XMAG checkpoint to write (.safetensors)."),
     weights_format: str = typer.Option("auto", "--format", help="auto, xmag_release, dinov2_hub, timm, hf_vit, xmag."),
     architecture: Optional[str] = typer.Option(None, help="xmag_vitb14, uni2h, phikon_vitb16, ...; default by format."),
@@ -493,8 +605,12 @@ def export_command(
     from export.repository import ExportOptions, export_model_repository
 
     options = ExportOptions(
-        version=version, max_batch_size=max_batch_size, int8=int8, tensorrt=tensorrt,
-        tensorrt_opt_batch=trt_opt_batch, tensorrt_max_batch=trt_max_batch,
+        version=version,
+        max_batch_size=max_batch_size,
+        int8=int8,
+        tensorrt=tensorrt,
+        tensorrt_opt_batch=trt_opt_batch,
+        tensorrt_max_batch=trt_max_batch,
     )
     try:
         manifest = export_model_repository(checkpoint, repo, options, model_name=model_name)
@@ -506,7 +622,9 @@ def export_command(
 @app.command("verify-repo")
 def verify_repo(
     repo: Path = typer.Argument(..., help="Model repository directory."),
-    measure: bool = typer.Option(True, help="Run every encoder backend this machine has on a probe batch, as `xmag serve` does."),
+    measure: bool = typer.Option(
+        True, help="Run every encoder backend this machine has on a probe batch, as `xmag serve` does."
+    ),
 ) -> None:
     """Check every file of a model repository against its manifest and show which encoder backend would run here."""
     from xmag.inference import select_encoder_runtime
@@ -524,7 +642,9 @@ def verify_repo(
     typer.echo("verified; encoder backends measured on this machine (the service chooses the same way):")
     for measured in selection.measurements:
         speed = f"{measured.tiles_per_s:.1f} tiles/s" if measured.tiles_per_s is not None else "not run"
-        cosine = f", cosine {measured.min_cosine_vs_torch_fp32:.5f}" if measured.min_cosine_vs_torch_fp32 is not None else ""
+        cosine = (
+            f", cosine {measured.min_cosine_vs_torch_fp32:.5f}" if measured.min_cosine_vs_torch_fp32 is not None else ""
+        )
         note = f" ({measured.note})" if measured.note else ""
         typer.echo(f"  {'*' if measured.chosen else ' '} {measured.description}: {speed}{cosine}{note}")
 

@@ -8,9 +8,7 @@ from PIL import Image
 # Anchor colours of a dark-to-bright ramp (close to matplotlib's "inferno"),
 # interpolated linearly; kept here so the core needs no plotting library.
 _RAMP_POSITIONS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
-_RAMP_COLOURS = np.array(
-    [[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32
-)
+_RAMP_COLOURS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)
 
 
 def colour_ramp(values: np.ndarray) -> np.ndarray:
@@ -54,9 +52,7 @@ def render_attention_heatmap(
     return Image.fromarray(np.rint(canvas).astype(np.uint8))
 
 
-def attention_geojson(
-    level0_coords: np.ndarray, tile_size_level0_px: int, attention: np.ndarray, task: str
-) -> dict:
+def attention_geojson(level0_coords: np.ndarray, tile_size_level0_px: int, attention: np.ndarray, task: str) -> dict:
     """Tiles as a GeoJSON FeatureCollection that QuPath imports (File > Import objects, or drag and drop).
 
     Each tile is a square detection in level-0 pixel coordinates (QuPath's image

@@ -248,7 +248,12 @@ class OnnxTileEncoder:
     backend = "onnxruntime"
 
     def __init__(
-        self, onnx_path: Path, tile_size_px: int, embed_dim: int, providers=("CPUExecutionProvider",), precision: str = "fp32"
+        self,
+        onnx_path: Path,
+        tile_size_px: int,
+        embed_dim: int,
+        providers=("CPUExecutionProvider",),
+        precision: str = "fp32",
     ):
         self.session = _onnx_session(onnx_path, tuple(providers))
         self.input_name = self.session.get_inputs()[0].name
@@ -278,7 +283,13 @@ class TensorRTTileEncoder:
     precision = "fp16"  # the export stage builds FP16 engines (normalisation and softmax kept in FP32)
 
     def __init__(
-        self, plan_path: str | Path, tile_size_px: int, embed_dim: int, *, input_name: str = "tiles", output_name: str = "embedding"
+        self,
+        plan_path: str | Path,
+        tile_size_px: int,
+        embed_dim: int,
+        *,
+        input_name: str = "tiles",
+        output_name: str = "embedding",
     ):
         trt = import_tensorrt()
         require_cuda_gpu()
@@ -306,7 +317,9 @@ class TensorRTTileEncoder:
         self._engine = engine
         self._context = engine.create_execution_context()
         self._input_name, self._output_name = input_name, output_name
-        self._output_dtypes = {name: torch_dtype_of(trt, engine.get_tensor_dtype(name)) for name in names if name != input_name}
+        self._output_dtypes = {
+            name: torch_dtype_of(trt, engine.get_tensor_dtype(name)) for name in names if name != input_name
+        }
         # Our own stream: TensorRT warns that the default stream costs extra synchronisation.
         self._stream = torch.cuda.Stream()
         self._staging = _PinnedStaging()
@@ -425,7 +438,10 @@ class TritonTileEncoder:
         request.set_data_from_numpy(np.ascontiguousarray(tiles))
         try:
             result = self._client.infer(
-                self.model_name, [request], outputs=[InferRequestedOutput(self.output_name)], client_timeout=self.timeout_s
+                self.model_name,
+                [request],
+                outputs=[InferRequestedOutput(self.output_name)],
+                client_timeout=self.timeout_s,
             )
         except InferenceServerException as error:
             raise EncoderRemoteError(
@@ -477,8 +493,11 @@ class TritonTileEncoder:
             index = self._client.get_model_repository_index(client_timeout=_TRITON_PROBE_TIMEOUT_S).models
         except InferenceServerException as error:
             return f"its model index could not be read ({error})"
-        states = [f"{model.state or 'not loaded'}{f' ({model.reason})' if model.reason else ''}"
-                  for model in index if model.name == self.model_name]
+        states = [
+            f"{model.state or 'not loaded'}{f' ({model.reason})' if model.reason else ''}"
+            for model in index
+            if model.name == self.model_name
+        ]
         if not states:
             return f"the server has no such model; it has {sorted({model.name for model in index})}"
         return "; ".join(states)
@@ -520,7 +539,9 @@ def _describe_tensors(tensors: list[tuple[str, str, list[int]]]) -> str:
 class OnnxSlideHeads:
     """One exported head per task (features in, probabilities and attention out) run by onnxruntime."""
 
-    def __init__(self, head_paths: dict[str, Path], class_names: dict[str, list[str]], providers=("CPUExecutionProvider",)):
+    def __init__(
+        self, head_paths: dict[str, Path], class_names: dict[str, list[str]], providers=("CPUExecutionProvider",)
+    ):
         self.sessions = {task: _onnx_session(path, tuple(providers)) for task, path in head_paths.items()}
         self.class_names = class_names
 
@@ -597,19 +618,32 @@ class _RuntimeFactory:
 
     def onnx(self, artifact: Artifact, providers: tuple[str, ...]) -> OnnxTileEncoder:
         return OnnxTileEncoder(
-            self.repository.path_of(artifact, ".onnx"), self.spec.tile_size_px, self.spec.embed_dim, providers, artifact.precision
+            self.repository.path_of(artifact, ".onnx"),
+            self.spec.tile_size_px,
+            self.spec.embed_dim,
+            providers,
+            artifact.precision,
         )
 
     def tensorrt(self, plan: Artifact) -> TensorRTTileEncoder:
         return TensorRTTileEncoder(
-            self.repository.path_of(plan, ".plan"), self.spec.tile_size_px, self.spec.embed_dim,
-            input_name=self.spec.input_name, output_name=self.spec.output_name,
+            self.repository.path_of(plan, ".plan"),
+            self.spec.tile_size_px,
+            self.spec.embed_dim,
+            input_name=self.spec.input_name,
+            output_name=self.spec.output_name,
         )
 
     def triton(self, endpoint: TritonEndpoint, model_name: str, precision: str) -> TritonTileEncoder:
         return TritonTileEncoder(
-            endpoint.url, model_name, self.spec.tile_size_px, self.spec.embed_dim, precision=precision,
-            input_name=self.spec.input_name, output_name=self.spec.output_name, timeout_s=endpoint.timeout_s,
+            endpoint.url,
+            model_name,
+            self.spec.tile_size_px,
+            self.spec.embed_dim,
+            precision=precision,
+            input_name=self.spec.input_name,
+            output_name=self.spec.output_name,
+            timeout_s=endpoint.timeout_s,
             ready_timeout_s=endpoint.ready_timeout_s,
         )
 
@@ -627,7 +661,9 @@ def _tensorrt_plan(encoders: list[Artifact], hardware: Hardware) -> tuple[Artifa
         return None, str(error)
     plan = next((a for a in plans if plan_runs_on(a, hardware)), None)
     if plan is None:
-        built_for = ", ".join(f"compute capability {a.compute_capability} with TensorRT {a.tensorrt_version}" for a in plans)
+        built_for = ", ".join(
+            f"compute capability {a.compute_capability} with TensorRT {a.tensorrt_version}" for a in plans
+        )
         return None, (
             f"the repository's plans were built for {built_for}; this machine has compute capability "
             f"{hardware.cuda_compute_capability} with TensorRT {hardware.tensorrt_version}"
@@ -679,15 +715,21 @@ def _encoder_candidates(factory: _RuntimeFactory, hardware: Hardware) -> list[_C
     return [
         candidate("tensorrt", "fp16", "cuda", plan_unavailable, lambda: factory.tensorrt(plan)),
         torch_candidate("fp16", "" if gpu else "fp16 needs a CUDA GPU, and torch sees none; on the CPU use bf16"),
-        torch_candidate("bf16", f"this GPU (compute capability {hardware.cuda_compute_capability}) has no bf16" if no_bf16 else ""),
+        torch_candidate(
+            "bf16", f"this GPU (compute capability {hardware.cuda_compute_capability}) has no bf16" if no_bf16 else ""
+        ),
         torch_candidate("fp32"),
         candidate(
-            "onnxruntime", "fp32", "cuda" if gpu_providers else "cpu",
+            "onnxruntime",
+            "fp32",
+            "cuda" if gpu_providers else "cpu",
             no_onnxruntime or ("" if onnx_fp32 else "the repository has no fp32 ONNX encoder"),
             lambda: factory.onnx(onnx_fp32, fp32_providers),
         ),
         candidate(
-            "onnxruntime", "int8", "cpu",
+            "onnxruntime",
+            "int8",
+            "cpu",
             no_onnxruntime or _int8_unavailable(onnx_int8, repository.manifest.int8_min_cosine),
             lambda: factory.onnx(onnx_int8, ("CPUExecutionProvider",)),
         ),
@@ -698,11 +740,15 @@ def _triton_candidate(factory: _RuntimeFactory, endpoint: TritonEndpoint) -> _Ca
     """The encoder as Triton serves it. Its precision is the manifest's for an artifact of that name, else unknown."""
     artifacts = factory.repository.manifest.artifacts
     model_name = endpoint.model_name or next(
-        (a.name for a in artifacts if a.role == "encoder" and a.runtime == "onnxruntime" and a.precision == "fp32"), None
+        (a.name for a in artifacts if a.role == "encoder" and a.runtime == "onnxruntime" and a.precision == "fp32"),
+        None,
     )
     if model_name is None:
         return _Candidate(
-            "triton", "fp32", endpoint.url, None,
+            "triton",
+            "fp32",
+            endpoint.url,
+            None,
             "the repository has no fp32 ONNX encoder to name the Triton model after; set triton_model",
         )
     artifact = next((a for a in artifacts if a.name == model_name and a.role == "encoder"), None)
@@ -745,11 +791,17 @@ def _reference_runtime(factory: _RuntimeFactory) -> TileEncoderRuntime:
     if factory.torch_weights is not None:
         return factory.torch("fp32", "cpu")
     onnx_fp32 = next(
-        (a for a in factory.repository.manifest.artifacts if a.role == "encoder" and a.runtime == "onnxruntime" and a.precision == "fp32"),
+        (
+            a
+            for a in factory.repository.manifest.artifacts
+            if a.role == "encoder" and a.runtime == "onnxruntime" and a.precision == "fp32"
+        ),
         None,
     )
     if onnx_fp32 is None:
-        raise EncoderBackendUnavailableError(f"{factory.repository.root} has neither torch weights nor an fp32 ONNX encoder")
+        raise EncoderBackendUnavailableError(
+            f"{factory.repository.root} has neither torch weights nor an fp32 ONNX encoder"
+        )
     return factory.onnx(onnx_fp32, ("CPUExecutionProvider",))
 
 
@@ -782,7 +834,9 @@ def select_encoder_runtime(
     if backend == "triton" and triton is None:
         raise ValueError("the triton backend needs a TritonEndpoint: the url of Triton's gRPC endpoint")
     factory = _RuntimeFactory(repository)
-    offered = [_triton_candidate(factory, triton)] if backend == "triton" else _encoder_candidates(factory, detect_hardware())
+    offered = (
+        [_triton_candidate(factory, triton)] if backend == "triton" else _encoder_candidates(factory, detect_hardware())
+    )
     candidates = [c for c in offered if backend in ("auto", c.backend) and precision in ("auto", c.precision)]
     asked = " ".join(word for word in (backend, precision) if word != "auto")  # "" when both are auto
     if not candidates:
@@ -795,7 +849,9 @@ def select_encoder_runtime(
         )
 
     spec = repository.manifest.encoder
-    probe = np.random.default_rng(seed).integers(0, 256, (probe_batch_size, spec.tile_size_px, spec.tile_size_px, 3), np.uint8)
+    probe = np.random.default_rng(seed).integers(
+        0, 256, (probe_batch_size, spec.tile_size_px, spec.tile_size_px, 3), np.uint8
+    )
     reference = np.asarray(_reference_runtime(factory).encode(probe))
 
     measurements: list[BackendMeasurement] = []
@@ -804,7 +860,15 @@ def select_encoder_runtime(
     for candidate in candidates:
         if candidate.build is None:
             measurements.append(
-                BackendMeasurement(candidate.description, candidate.backend, candidate.precision, None, None, False, candidate.unavailable)
+                BackendMeasurement(
+                    candidate.description,
+                    candidate.backend,
+                    candidate.precision,
+                    None,
+                    None,
+                    False,
+                    candidate.unavailable,
+                )
             )
             continue
         try:
@@ -814,8 +878,15 @@ def select_encoder_runtime(
             if candidate.backend == "triton":
                 raise  # the only candidate; its error names the server and the model, and says what is wrong
             measurements.append(
-                BackendMeasurement(candidate.description, candidate.backend, candidate.precision, None, None, False,
-                                   f"failed: {type(error).__name__}: {error}")
+                BackendMeasurement(
+                    candidate.description,
+                    candidate.backend,
+                    candidate.precision,
+                    None,
+                    None,
+                    False,
+                    f"failed: {type(error).__name__}: {error}",
+                )
             )
             continue
         # Written so that a NaN cosine (non-finite embeddings) is rejected too.
@@ -824,7 +895,9 @@ def select_encoder_runtime(
         if not correct and candidate.backend == "triton":
             note += ": the server's model is not this repository's encoder, or does not run it correctly"
         measurements.append(
-            BackendMeasurement(runtime.description, candidate.backend, candidate.precision, tiles_per_s, cosine, False, note)
+            BackendMeasurement(
+                runtime.description, candidate.backend, candidate.precision, tiles_per_s, cosine, False, note
+            )
         )
         if correct and tiles_per_s > best_tiles_per_s:
             best, best_index, best_tiles_per_s = runtime, len(measurements) - 1, tiles_per_s
@@ -833,7 +906,8 @@ def select_encoder_runtime(
     if best is None:
         raise EncoderBackendUnavailableError(
             f"no {asked + ' ' if asked else ''}encoder gives correct embeddings here "
-            f"(cosine to torch fp32 >= {MIN_BACKEND_COSINE}): " + "; ".join(f"{m.description}: {m.note}" for m in measurements)
+            f"(cosine to torch fp32 >= {MIN_BACKEND_COSINE}): "
+            + "; ".join(f"{m.description}: {m.note}" for m in measurements)
         )
     measurements[best_index] = dataclasses.replace(measurements[best_index], chosen=True)
     return EncoderSelection(best, measurements)

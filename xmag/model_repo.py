@@ -177,7 +177,9 @@ def load_model_repository(root: str | Path, expected_model_name: str | None = No
     task_artifacts = {task.head_artifact for task in manifest.tasks}
     known = {artifact.name for artifact in manifest.artifacts}
     if not task_artifacts <= known:
-        raise ModelRepositoryError(f"{manifest_path} names head artifacts it does not list: {sorted(task_artifacts - known)}")
+        raise ModelRepositoryError(
+            f"{manifest_path} names head artifacts it does not list: {sorted(task_artifacts - known)}"
+        )
     return ModelRepository(root=root, manifest=manifest)
 
 
@@ -246,7 +248,9 @@ def onnxruntime_gpu_providers(hardware: Hardware) -> tuple[str, ...]:
     """onnxruntime's GPU execution providers present on `hardware`, in preference order; () without a GPU."""
     if hardware.cuda_compute_capability is None:
         return ()
-    return tuple(p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in hardware.onnxruntime_providers)
+    return tuple(
+        p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in hardware.onnxruntime_providers
+    )
 
 
 @dataclass(frozen=True)

@@ -136,14 +136,13 @@ def classify_slide(
     tiles, for benchmarks that measure a subset and extrapolate; the result's
     coordinates and attention then cover that subset only.
     """
+
     def emit(stage: Stage, tiles_done: int = 0, tiles_total: int = 0) -> None:
         if on_event is not None:
             on_event(SlideEvent(stage, tiles_done, tiles_total))
 
     if spec.output_px != encoder.tile_size_px:
-        raise ValueError(
-            f"the tiling makes {spec.output_px} px tiles but the encoder takes {encoder.tile_size_px} px"
-        )
+        raise ValueError(f"the tiling makes {spec.output_px} px tiles but the encoder takes {encoder.tile_size_px} px")
     timings_s: dict[str, float] = {}
     started = time.perf_counter()
     with open_slide(slide_path, backend=backend, num_workers=num_workers) as reader:

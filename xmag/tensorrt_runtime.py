@@ -26,7 +26,7 @@ SUPPORTED_TENSORRT_MAJOR = 10
 TENSORRT_INSTALL_HINT = (
     "Building, checking or running TensorRT FP16 engines needs an NVIDIA GPU with its "
     "CUDA runtime and the TensorRT 10 Python package: on a GPU machine run "
-    "`pip install \"tensorrt>=10,<11\"` (plain `pip install tensorrt` now brings "
+    '`pip install "tensorrt>=10,<11"` (plain `pip install tensorrt` now brings '
     "TensorRT 11, which this code does not support), or work inside NVIDIA's "
     "TensorRT or Triton Inference Server container. The ONNX artifacts do not need "
     "TensorRT: onnxruntime serves them as they are."
@@ -51,9 +51,7 @@ def import_tensorrt() -> ModuleType:
         import tensorrt
     except (ImportError, OSError) as error:
         # OSError: the Python package is there but its CUDA libraries cannot be loaded.
-        raise TensorRTUnavailableError(
-            f"TensorRT cannot be imported ({error}). {TENSORRT_INSTALL_HINT}"
-        ) from error
+        raise TensorRTUnavailableError(f"TensorRT cannot be imported ({error}). {TENSORRT_INSTALL_HINT}") from error
     major = int(tensorrt.__version__.split(".")[0])
     if major != SUPPORTED_TENSORRT_MAJOR:
         raise TensorRTUnavailableError(

@@ -83,8 +83,7 @@ class SlideHeads(nn.Module):
             names = list(class_names[task])
             if len(names) != head.num_classes:
                 raise ValueError(
-                    f"task {task!r}: {len(names)} class names {names} for a head with "
-                    f"{head.num_classes} classes"
+                    f"task {task!r}: {len(names)} class names {names} for a head with {head.num_classes} classes"
                 )
             if len(set(names)) != len(names):
                 raise ValueError(f"task {task!r}: class names must be unique, got {names}")
@@ -93,14 +92,9 @@ class SlideHeads(nn.Module):
         self.in_dim = next(iter(in_dims.values()))
 
     @classmethod
-    def from_class_names(
-        cls, class_names: Mapping[str, Sequence[str]], **head_kwargs
-    ) -> SlideHeads:
+    def from_class_names(cls, class_names: Mapping[str, Sequence[str]], **head_kwargs) -> SlideHeads:
         """One new GatedABMIL per task, sized by its class names; `head_kwargs` go to every head."""
-        heads = {
-            task: GatedABMIL(num_classes=len(names), **head_kwargs)
-            for task, names in class_names.items()
-        }
+        heads = {task: GatedABMIL(num_classes=len(names), **head_kwargs) for task, names in class_names.items()}
         return cls(heads, class_names)
 
     def forward(self, features: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -111,8 +105,6 @@ class SlideHeads(nn.Module):
 
 def _check_features(features: torch.Tensor, in_dim: int) -> None:
     if features.ndim != 2 or features.shape[1] != in_dim:
-        raise ValueError(
-            f"expected tile features of shape (N, {in_dim}), got {tuple(features.shape)}"
-        )
+        raise ValueError(f"expected tile features of shape (N, {in_dim}), got {tuple(features.shape)}")
     if features.shape[0] == 0:
         raise ValueError("the bag is empty: a slide needs at least one tile to classify")

@@ -99,15 +99,12 @@ def resample_dinov2_pos_embed(
     already at new_grid is returned unchanged.
     """
     if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
-        raise ValueError(
-            f"expected pos_embed of shape (1, 1 + G*G, C), got {tuple(pos_embed.shape)}"
-        )
+        raise ValueError(f"expected pos_embed of shape (1, 1 + G*G, C), got {tuple(pos_embed.shape)}")
     num_stored_patches = pos_embed.shape[1] - 1
     old_grid = math.isqrt(num_stored_patches)
     if old_grid * old_grid != num_stored_patches:
         raise ValueError(
-            f"pos_embed has {num_stored_patches} patch entries after the class entry, "
-            "which is not a square grid"
+            f"pos_embed has {num_stored_patches} patch entries after the class entry, which is not a square grid"
         )
     if old_grid == new_grid:
         return pos_embed
@@ -129,9 +126,7 @@ def resample_dinov2_pos_embed(
     return torch.cat([class_pos, patch_tokens.to(pos_embed.dtype)], dim=1)
 
 
-def convert_dinov2_hub(
-    state_dict: Mapping[str, torch.Tensor], config: ViTConfig
-) -> dict[str, torch.Tensor]:
+def convert_dinov2_hub(state_dict: Mapping[str, torch.Tensor], config: ViTConfig) -> dict[str, torch.Tensor]:
     """Official DINOv2 hub state dict -> our state dict for `config`.
 
     Drops `mask_token`, renames `register_tokens` to `reg_token` and resizes
@@ -152,9 +147,7 @@ def convert_dinov2_hub(
     return converted
 
 
-def convert_timm(
-    state_dict: Mapping[str, torch.Tensor], config: ViTConfig
-) -> dict[str, torch.Tensor]:
+def convert_timm(state_dict: Mapping[str, torch.Tensor], config: ViTConfig) -> dict[str, torch.Tensor]:
     """timm-named state dict -> our state dict: the names are already ours.
 
     Nothing is resized: a timm pos_embed must already be stored for the
@@ -166,9 +159,7 @@ def convert_timm(
     return dict(state_dict)
 
 
-def convert_xmag_release(
-    checkpoint: Mapping[str, Any], config: ViTConfig
-) -> dict[str, torch.Tensor]:
+def convert_xmag_release(checkpoint: Mapping[str, Any], config: ViTConfig) -> dict[str, torch.Tensor]:
     """Official XMAG release checkpoint -> our state dict for `config`.
 
     Keeps the student's keys (under `model.`, after unwrapping a
@@ -193,9 +184,7 @@ def convert_xmag_release(
     return convert_dinov2_hub(student, config)
 
 
-def convert_xmag(
-    state_dict: Mapping[str, torch.Tensor], config: ViTConfig
-) -> dict[str, torch.Tensor]:
+def convert_xmag(state_dict: Mapping[str, torch.Tensor], config: ViTConfig) -> dict[str, torch.Tensor]:
     """Our own checkpoints already hold exactly our keys: nothing to convert."""
     return dict(state_dict)
 
@@ -298,9 +287,7 @@ def load_vit_weights(
     format used.
     """
     if fmt != "auto" and fmt not in CHECKPOINT_FORMATS:
-        raise ValueError(
-            f"unknown checkpoint format {fmt!r}; use 'auto' or one of {CHECKPOINT_FORMATS}"
-        )
+        raise ValueError(f"unknown checkpoint format {fmt!r}; use 'auto' or one of {CHECKPOINT_FORMATS}")
     if isinstance(state_dict_or_path, (str, os.PathLike)):
         path = Path(state_dict_or_path)
         state_dict, metadata = _read_checkpoint(path)
@@ -446,9 +433,7 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise CheckpointError(f"cannot read the metadata of {path}: {error}") from error
 
 
-def load_encoder(
-    path: str | os.PathLike, fmt: str = "auto", config_name: str = "xmag_vitb14"
-) -> VisionTransformer:
+def load_encoder(path: str | os.PathLike, fmt: str = "auto", config_name: str = "xmag_vitb14") -> VisionTransformer:
     """Any supported checkpoint file as a VisionTransformer in eval mode.
 
     Our own files carry their architecture in their metadata; the official
@@ -509,14 +494,10 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     )
 
 
-def _flatten_checkpoint(
-    checkpoint: Any, source: str = "the given state dict"
-) -> dict[str, torch.Tensor]:
+def _flatten_checkpoint(checkpoint: Any, source: str = "the given state dict") -> dict[str, torch.Tensor]:
     """Unwrap {"state_dict": ...} and flatten nested dicts to dotted key names."""
     if not isinstance(checkpoint, Mapping):
-        raise CheckpointError(
-            f"{source} holds a {type(checkpoint).__name__}, not a dict of tensors (a state dict)"
-        )
+        raise CheckpointError(f"{source} holds a {type(checkpoint).__name__}, not a dict of tensors (a state dict)")
     if isinstance(checkpoint.get("state_dict"), Mapping):
         checkpoint = checkpoint["state_dict"]
     flat: dict[str, torch.Tensor] = {}
@@ -534,9 +515,7 @@ def _flatten_checkpoint(
     return flat
 
 
-def _dinov2_pos_embed_for_config(
-    pos_embed: torch.Tensor, config: ViTConfig, *, has_registers: bool
-) -> torch.Tensor:
+def _dinov2_pos_embed_for_config(pos_embed: torch.Tensor, config: ViTConfig, *, has_registers: bool) -> torch.Tensor:
     """A DINOv2-format pos_embed resized, if needed, to the config's grid."""
     if pos_embed.ndim != 3 or pos_embed.shape[1] == config.num_pos_embed_tokens:
         # Already at the grid, or malformed: the strict check reports a wrong shape.
@@ -550,16 +529,12 @@ def _dinov2_pos_embed_for_config(
     # The settings of the official hub constructors (dinov2/hub/backbones.py).
     offset, antialias = (0.0, True) if has_registers else (0.1, False)
     try:
-        return resample_dinov2_pos_embed(
-            pos_embed, config.grid_size, offset=offset, antialias=antialias
-        )
+        return resample_dinov2_pos_embed(pos_embed, config.grid_size, offset=offset, antialias=antialias)
     except ValueError as error:
         raise CheckpointError(f"cannot resize the checkpoint's pos_embed: {error}") from error
 
 
-def _check_fits(
-    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, fmt: str, source: str
-) -> None:
+def _check_fits(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, fmt: str, source: str) -> None:
     """Raise CheckpointError naming every key that does not fit the model."""
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     missing = [key for key in expected if key not in state_dict]

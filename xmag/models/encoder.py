@@ -31,12 +31,8 @@ class TileEncoder(nn.Module):
     def __init__(self, vit: VisionTransformer):
         super().__init__()
         self.vit = vit
-        self.register_buffer(
-            "pixel_mean", torch.tensor(IMAGENET_MEAN_RGB).view(1, 3, 1, 1), persistent=False
-        )
-        self.register_buffer(
-            "pixel_std", torch.tensor(IMAGENET_STD_RGB).view(1, 3, 1, 1), persistent=False
-        )
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN_RGB).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD_RGB).view(1, 3, 1, 1), persistent=False)
 
     @property
     def embed_dim(self) -> int:

@@ -67,13 +67,10 @@ class ViTConfig:
             raise ValueError(f"mlp_kind must be one of {MLP_KINDS}, got {self.mlp_kind!r}")
         if self.img_size_px % self.patch_size_px != 0:
             raise ValueError(
-                f"img_size_px ({self.img_size_px}) must be a multiple of "
-                f"patch_size_px ({self.patch_size_px})"
+                f"img_size_px ({self.img_size_px}) must be a multiple of patch_size_px ({self.patch_size_px})"
             )
         if self.embed_dim % self.num_heads != 0:
-            raise ValueError(
-                f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
-            )
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
         if self.mlp_kind == "swiglu_packed" and self.mlp_hidden_dim % 2 != 0:
             raise ValueError(
                 f"swiglu_packed needs an even fc1 width, got int({self.embed_dim} * "
@@ -174,9 +171,7 @@ def get_vit_config(name: str) -> ViTConfig:
     try:
         return VIT_CONFIGS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown ViT configuration {name!r}; known: {', '.join(sorted(VIT_CONFIGS))}"
-        ) from None
+        raise ValueError(f"unknown ViT configuration {name!r}; known: {', '.join(sorted(VIT_CONFIGS))}") from None
 
 
 class PatchEmbed(nn.Module):
@@ -184,9 +179,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, config: ViTConfig):
         super().__init__()
-        self.proj = nn.Conv2d(
-            3, config.embed_dim, kernel_size=config.patch_size_px, stride=config.patch_size_px
-        )
+        self.proj = nn.Conv2d(3, config.embed_dim, kernel_size=config.patch_size_px, stride=config.patch_size_px)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # (B, D, grid, grid) -> (B, grid*grid, D), raster order: token index = row * grid + col.
@@ -318,9 +311,7 @@ class VisionTransformer(nn.Module):
     def _check_images(self, images: torch.Tensor) -> None:
         size = self.config.img_size_px
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(
-                f"expected images of shape (B, 3, {size}, {size}), got {tuple(images.shape)}"
-            )
+            raise ValueError(f"expected images of shape (B, 3, {size}, {size}), got {tuple(images.shape)}")
         if images.shape[2] != size or images.shape[3] != size:
             raise ValueError(
                 f"expected {size}x{size} px images, got {images.shape[2]}x{images.shape[3]}: "
@@ -328,9 +319,7 @@ class VisionTransformer(nn.Module):
                 f"{self.config.grid_size} patch grid, resize or crop the input first"
             )
         if not images.is_floating_point():
-            raise ValueError(
-                f"expected normalised floating-point images, got dtype {images.dtype}"
-            )
+            raise ValueError(f"expected normalised floating-point images, got dtype {images.dtype}")
 
     def prepare_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Patch-embed the images and build [CLS, registers, patches] with position terms."""
@@ -372,4 +361,3 @@ class VisionTransformer(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """The class token after the final norm, (B, D)."""
         return self.forward_features(images)["x_norm_clstoken"]
-

@@ -166,11 +166,17 @@ def cucim_available() -> bool:
 def _check_path(path: str | os.PathLike) -> str:
     slide_path = os.fspath(path)
     if not os.path.exists(slide_path):
-        raise SlideNotFoundError(f"No file at {slide_path}. Check the path and that the slide store is mounted.", slide_path)
+        raise SlideNotFoundError(
+            f"No file at {slide_path}. Check the path and that the slide store is mounted.", slide_path
+        )
     if not os.path.isfile(slide_path):
-        raise SlideNotFoundError(f"{slide_path} is not a regular file (a directory?). Pass the slide file itself.", slide_path)
+        raise SlideNotFoundError(
+            f"{slide_path} is not a regular file (a directory?). Pass the slide file itself.", slide_path
+        )
     if os.path.getsize(slide_path) == 0:
-        raise NotASlideError(f"{slide_path} is empty (0 bytes); it is not a slide. Was the copy interrupted?", slide_path)
+        raise NotASlideError(
+            f"{slide_path} is empty (0 bytes); it is not a slide. Was the copy interrupted?", slide_path
+        )
     return slide_path
 
 
@@ -206,7 +212,9 @@ def check_tiff_integrity(path: str) -> None:
             if not pages:
                 raise corrupt("it has no readable image directory")
             for page in pages:
-                data_ends = np.asarray(page.dataoffsets, dtype=np.int64) + np.asarray(page.databytecounts, dtype=np.int64)
+                data_ends = np.asarray(page.dataoffsets, dtype=np.int64) + np.asarray(
+                    page.databytecounts, dtype=np.int64
+                )
                 if (data_ends > file_size).any():
                     raise corrupt(
                         f"image data of directory {page.index} lies beyond the end of the file ({file_size} bytes)"
@@ -246,4 +254,3 @@ def open_slide(path: str | os.PathLike, backend: BackendName = "openslide", num_
 
         return CuCIMReader(slide_path, num_workers)
     raise ValueError(f"Unknown slide backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
-

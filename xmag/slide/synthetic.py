@@ -62,9 +62,7 @@ _MACRO_SIZE_PX = (1280, 431)  # width, height: a 75 x 25 mm glass slide seen fro
 # Rendering is numpy-bound and numpy releases the GIL in its inner loops, so
 # threads render tiles in parallel (about 1.8x on two cores); beyond eight the
 # GIL-held glue code dominates.
-_RENDER_THREADS = min(
-    8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-)
+_RENDER_THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 _BACKGROUND_LEVELS = {"white": 242.0, "grey": 208.0}
 
@@ -540,9 +538,8 @@ class _Renderer:
             hematoxylin = hematoxylin + lesion * (lesion_hematoxylin - hematoxylin)
             eosin = eosin + lesion * (lesion_eosin - eosin)
 
-        optical_density = (
-            hematoxylin[..., None] * (self.stain_scale * _HEMATOXYLIN_OD)
-            + eosin[..., None] * (self.stain_scale * _EOSIN_OD)
+        optical_density = hematoxylin[..., None] * (self.stain_scale * _HEMATOXYLIN_OD) + eosin[..., None] * (
+            self.stain_scale * _EOSIN_OD
         )
         stained = self.background_level * np.exp(-optical_density)
         # Partly covered pixels at the outline mix tissue and glass light.
@@ -702,7 +699,9 @@ def _write_aperio_tiff(
                     f"({tile}x{tile}) -> {level_width}x{level_height} JPEG/RGB Q={jpeg_quality}"
                 )
             tiff.write(
-                counted(_level_tiles(renderer, level, level_width, level_height, tile, mpp * PYRAMID_DOWNSAMPLE**level)),
+                counted(
+                    _level_tiles(renderer, level, level_width, level_height, tile, mpp * PYRAMID_DOWNSAMPLE**level)
+                ),
                 shape=(level_height, level_width, 3),
                 dtype=np.uint8,
                 tile=(tile, tile),
