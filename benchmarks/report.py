@@ -83,7 +83,7 @@ def write_plots(report: dict, output_dir: Path) -> list[Path]:
     figure, axes = plt.subplots(figsize=(11, 5.5))
     values = [result["slides_per_minute"] for result in results]
     bars = axes.bar(range(len(results)), values, color=["#bc3754" if r["extrapolated"] else "#2b6cb0" for r in results])
-    for bar, result in zip(bars, results):
+    for bar, result in zip(bars, results, strict=False):
         text = f"{result['slides_per_minute']:.3g}{'*' if result['extrapolated'] else ''}"
         axes.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=9)
         paper = result["paper_slides_per_minute"]
@@ -109,10 +109,13 @@ def write_plots(report: dict, output_dir: Path) -> list[Path]:
     totals = [sum(result["stage_seconds_per_slide"][stage] for stage in stages) for result in results]
     bottoms = [0.0] * len(results)
     for stage in stages:
-        shares = [100 * result["stage_seconds_per_slide"][stage] / total for result, total in zip(results, totals)]
+        shares = [
+            100 * result["stage_seconds_per_slide"][stage] / total
+            for result, total in zip(results, totals, strict=False)
+        ]
         axes.bar(range(len(results)), shares, bottom=bottoms, label=stage)
-        bottoms = [b + h for b, h in zip(bottoms, shares)]
-    for index, (total, result) in enumerate(zip(totals, results)):
+        bottoms = [b + h for b, h in zip(bottoms, shares, strict=False)]
+    for index, (total, result) in enumerate(zip(totals, results, strict=False)):
         axes.annotate(
             f"{total:.3g} s/slide{'*' if result['extrapolated'] else ''}", (index, 101), ha="center", fontsize=8
         )

@@ -9,9 +9,9 @@ reported with every result. The 40x variant is the same glass (same seed) at
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from xmag.slide.synthetic import make_synthetic_slide
 

@@ -132,7 +132,7 @@ def head_parity(head: GatedABMIL, onnx_path: Path, tile_counts=(1, 1000), seed: 
         with torch.inference_mode():
             references = [output.numpy() for output in wrapped(torch.from_numpy(features))]
         candidates = session.run(list(HEAD_OUTPUTS), {HEAD_INPUT: features})
-        for reference, candidate in zip(references, candidates):
+        for reference, candidate in zip(references, candidates, strict=False):
             max_abs, min_cosine = _compare(reference[None], candidate[None])
             worst_abs, worst_cosine = max(worst_abs, max_abs), min(worst_cosine, min_cosine)
     return Parity(max_abs_error=worst_abs, min_cosine=worst_cosine, batch_sizes=list(tile_counts))

@@ -25,9 +25,10 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -68,7 +69,7 @@ class ModelDescription:
     backend_measurements: list[dict] = field(default_factory=list)  # what auto-selection measured at start
 
     @classmethod
-    def of_repository(cls, repository: ModelRepository, encoder: str, measurements: list[dict]) -> "ModelDescription":
+    def of_repository(cls, repository: ModelRepository, encoder: str, measurements: list[dict]) -> ModelDescription:
         from xmag.demo import DEMO_WEIGHTS_NOTICE
 
         manifest = repository.manifest
@@ -119,7 +120,7 @@ class SlideJob:
 
     def __init__(
         self,
-        engine: "Engine",
+        engine: Engine,
         real_path: Path,
         tasks: list[str],
         fallback_mpp: float | None,
@@ -201,7 +202,7 @@ class Engine:
         )
 
     @classmethod
-    def from_settings(cls, settings: ServiceSettings, metrics: ServiceMetrics | None = None) -> "Engine":
+    def from_settings(cls, settings: ServiceSettings, metrics: ServiceMetrics | None = None) -> Engine:
         """Load and verify the model repository (the demo one by default) and choose the encoder backend."""
         from xmag.inference import heads_from_repository, select_encoder_runtime
         from xmag.model_repo import load_model_repository
@@ -420,7 +421,7 @@ class Engine:
                 if stage != "total":
                     self.metrics.stage_seconds.labels(stage=stage).observe(seconds)
             with self._lock:
-                self._recent_slide_s = (self._recent_slide_s + [stages["total"]])[-20:]
+                self._recent_slide_s = ([*self._recent_slide_s, stages["total"]])[-20:]
             job.future.set_result(outcome)
         else:
             self._record_outcome(getattr(outcome, "code", "internal"))

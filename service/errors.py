@@ -13,8 +13,8 @@ from typing import NamedTuple
 from xmag.errors import (
     CorruptSlideError,
     MissingResolutionError,
-    NoTissueError,
     NotASlideError,
+    NoTissueError,
     RetryLaterError,
     SlideNotFoundError,
     TooManyTilesError,

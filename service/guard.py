@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from service.errors import InvalidRequestError, SlidePathForbiddenError
 from xmag.errors import SlideNotFoundError

@@ -12,7 +12,7 @@ import contextlib
 import hmac
 import logging
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -113,7 +113,7 @@ def create_app(settings: ServiceSettings, engine_factory: EngineFactory = Engine
             raise _Unauthorised()
 
     @app.exception_handler(_Unauthorised)
-    async def _on_unauthorised(request: Request, error: "_Unauthorised") -> JSONResponse:
+    async def _on_unauthorised(request: Request, error: _Unauthorised) -> JSONResponse:
         return UNAUTHORISED
 
     @app.exception_handler(XmagError)

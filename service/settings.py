@@ -93,7 +93,7 @@ class ServiceSettings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _chunks_fit_batches(self) -> "ServiceSettings":
+    def _chunks_fit_batches(self) -> ServiceSettings:
         if self.read_batch_size > self.max_batch_size:
             raise ValueError(
                 f"read_batch_size ({self.read_batch_size}) must not exceed max_batch_size ({self.max_batch_size}): "

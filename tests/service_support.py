@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import numpy as np
@@ -15,6 +15,11 @@ import torch
 import uvicorn
 
 from export.repository import export_model_repository
+from service.engine import Engine, ModelDescription
+from service.rest import create_app
+from service.settings import ServiceSettings
+from xmag.inference import heads_from_repository, select_encoder_runtime
+from xmag.model_repo import load_model_repository
 from xmag.models.abmil import GatedABMIL, SlideHeads
 from xmag.models.checkpoints import save_encoder_checkpoint
 from xmag.models.encoder import TileEncoder, build_tile_encoder
@@ -22,12 +27,6 @@ from xmag.slide.reader import open_slide
 from xmag.slide.synthetic import SyntheticSlide, make_synthetic_slide
 from xmag.slide.tiling import XMAG_5X, TileGrid, iter_tile_batches, plan_tile_grid
 from xmag.slide.tissue import tissue_mask_for_slide
-
-from service.engine import Engine, ModelDescription
-from service.rest import create_app
-from service.settings import ServiceSettings
-from xmag.inference import heads_from_repository, select_encoder_runtime
-from xmag.model_repo import load_model_repository
 
 LESION_TASK = "lesion"
 LESION_CLASSES = ["normal", "lesion"]

@@ -356,7 +356,7 @@ def test_tensorrt_engine_matches_torch_fp32_within_its_profile(tensorrt_reposito
     assert (runtime.min_batch_size, runtime.max_batch_size) == (1, 16)
     _assert_matches_torch_fp32(runtime, encoder, slide_tiles)
     _assert_matches_torch_fp32(runtime, encoder, _random_tiles(7))  # an odd size inside the profile
-    with pytest.raises(TensorRTBatchSizeError, match="17 tiles is outside .* 1 to 16 tiles"):
+    with pytest.raises(TensorRTBatchSizeError, match=r"17 tiles is outside .* 1 to 16 tiles"):
         runtime.encode(_random_tiles(17))
     measured = select_encoder_runtime(tensorrt_repository).measurements
     assert next(m for m in measured if m.backend == "tensorrt").tiles_per_s is not None

@@ -63,7 +63,7 @@ def _volumes(service: dict) -> dict[str, tuple[str, str]]:
         if isinstance(volume, dict):
             mounts[volume["target"]] = (volume["source"], "ro" if volume.get("read_only") else "rw")
         else:
-            source, target, mode = (volume.split(":") + ["rw"])[:3]
+            source, target, mode = ([*volume.split(":"), "rw"])[:3]
             mounts[target] = (source, mode)
     return mounts
 

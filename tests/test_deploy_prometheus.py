@@ -9,17 +9,17 @@ import math
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
 import yaml
+from service_support import running_service, service_settings
 
 from service.demo import free_loopback_port
 from service.metrics import GpuCollector
 from service.rest import create_app
-from service_support import running_service, service_settings
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 SCRAPE_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import require_cucim
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -11,8 +12,8 @@ from xmag.cli import app
 from xmag.errors import (
     CorruptSlideError,
     MissingResolutionError,
-    NoTissueError,
     NotASlideError,
+    NoTissueError,
     SlideNotFoundError,
     SlideReaderUnavailableError,
 )
@@ -25,8 +26,6 @@ from xmag.slide.reader import open_slide, resolve_mpp
 from xmag.slide.synthetic import make_synthetic_slide
 from xmag.slide.tiling import XMAG_5X, iter_tile_batches, plan_tile_grid
 from xmag.slide.tissue import tissue_mask_for_slide
-
-from conftest import require_cucim
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +93,7 @@ def test_truncated_slide_is_corrupt(tmp_path, slide_20x, backend, kept_fraction)
     data = slide_20x.path.read_bytes()
     path = tmp_path / "truncated.svs"
     path.write_bytes(data[: int(len(data) * kept_fraction)])
-    with pytest.raises(CorruptSlideError, match="damaged|truncated"):
+    with pytest.raises(CorruptSlideError, match=r"damaged|truncated"):
         _read_every_tile(path, backend)
 
 

@@ -147,19 +147,19 @@ def test_tampered_artifact_is_refused(repo_copy):
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
     model.write_bytes(bytes(data))
-    with pytest.raises(ModelRepositoryError, match="tiny_dinov2/1/model.onnx .* does not match its manifest"):
+    with pytest.raises(ModelRepositoryError, match=r"tiny_dinov2/1/model\.onnx .* does not match its manifest"):
         load_model_repository(repo_copy)
 
 
 def test_missing_file_is_refused(repo_copy):
     (repo_copy / "tiny_dinov2_head_tumour/config.pbtxt").unlink()
-    with pytest.raises(ModelRepositoryError, match="lacks tiny_dinov2_head_tumour/config.pbtxt"):
+    with pytest.raises(ModelRepositoryError, match=r"lacks tiny_dinov2_head_tumour/config\.pbtxt"):
         load_model_repository(repo_copy)
 
 
 def test_missing_manifest_is_refused(repo_copy):
     (repo_copy / "manifest.json").unlink()
-    with pytest.raises(ModelRepositoryError, match="no manifest.json"):
+    with pytest.raises(ModelRepositoryError, match=r"no manifest\.json"):
         load_model_repository(repo_copy)
 
 
@@ -329,7 +329,7 @@ def test_import_wrong_weights_names_the_keys(tmp_path):
 
 
 def test_heads_travel_with_the_checkpoint(tmp_path):
-    encoder, heads = _checkpoint(tmp_path / "with_heads.safetensors")
+    _encoder, heads = _checkpoint(tmp_path / "with_heads.safetensors")
     restored = load_slide_heads(tmp_path / "with_heads.safetensors")
     features = torch.randn(9, 192)
     for task in heads.class_names:

@@ -9,8 +9,8 @@ import pytest
 import safetensors
 import torch
 import torch.nn.functional as F
-
 from _reference import key_list
+
 from xmag.errors import CheckpointError
 from xmag.models import (
     VisionTransformer,

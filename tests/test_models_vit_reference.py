@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _reference import load_fixture
+
 from xmag.models import (
     IMAGENET_MEAN_RGB,
     IMAGENET_STD_RGB,

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
-
 from test_errors import damage_tiles
+from typer.testing import CliRunner
 
 from xmag.cli import app
 from xmag.errors import CorruptSlideError, TooManyTilesError
@@ -43,7 +42,7 @@ def test_one_encode_feeds_every_head(slide_20x, tiny_models, backend):
     tile_count = result.facts.tile_count
     assert tile_count == len(result.level0_coords) == len(result.embeddings) > 0
     assert set(result.predictions) == {"tumour", "grade"}
-    for task, prediction in result.predictions.items():
+    for prediction in result.predictions.values():
         assert prediction.attention.shape == (tile_count,)
         assert prediction.attention.sum() == pytest.approx(1.0, abs=1e-5)
         assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-5)

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from service_support import LESION_TASK, held_service_app, metric_value, running_service, service_settings
+from test_errors import damage_tiles
 from typer.testing import CliRunner
 
 from service.grpc_api import classifier_pb2 as pb
 from service.grpc_api import classifier_pb2_grpc as pb_grpc
 from service.rest import create_app
-from service_support import LESION_TASK, held_service_app, metric_value, running_service, service_settings
-from test_errors import damage_tiles
 from xmag.cli import app as cli_app
 
 API_KEY = "grpc-test-key-0123456789"

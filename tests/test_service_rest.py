@@ -17,20 +17,20 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-
-from service.engine import Engine
-from service.rest import create_app
-from service.settings import ServiceSettings
 from service_support import (
     LESION_TASK,
+    held_service_app,
     metric_value,
     running_service,
-    held_service_app,
     service_settings,
     tile_lesion_fractions,
     wait_until_ready,
 )
 from test_errors import damage_tiles
+
+from service.engine import Engine
+from service.rest import create_app
+from service.settings import ServiceSettings
 from xmag.model_repo import load_model_repository
 from xmag.slide.synthetic import make_synthetic_slide
 
@@ -435,7 +435,7 @@ def test_api_keys(lesion_model):
 
 
 def test_settings_refuse_bad_values():
-    with pytest.raises(ValueError, match="read_batch_size .* must not exceed max_batch_size"):
+    with pytest.raises(ValueError, match=r"read_batch_size .* must not exceed max_batch_size"):
         ServiceSettings(max_batch_size=8, read_batch_size=16)
     with pytest.raises(ValueError, match="shorter than 16 characters"):
         ServiceSettings(api_keys=["short"])

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import require_cucim
 
 from xmag.slide.reader import best_level_for_downsample, open_slide, resolve_mpp
-
-from conftest import require_cucim
 
 
 def test_facts_of_a_20x_aperio_slide(slide_20x, backend):
@@ -72,7 +71,7 @@ def test_batches_are_copies_not_a_reused_buffer(slide_20x, backend):
     with open_slide(slide_20x.path, backend=backend) as reader:
         batches = list(reader.read_regions(coords, 0, 64, batch_size=1))
         expected = [reader.read_region(tuple(xy), 0, (64, 64)) for xy in coords]
-    for batch, region in zip(batches, expected):
+    for batch, region in zip(batches, expected, strict=False):
         np.testing.assert_array_equal(batch[0], region)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import typer
@@ -60,9 +59,7 @@ def make_slide(
     base_magnification: int = typer.Option(
         20, "--magnification", help="Scan magnification: 20 (0.5 µm/px) or 40 (0.25 µm/px)."
     ),
-    levels: Optional[int] = typer.Option(
-        None, help="Pyramid levels (4x apart); default: until the top level is small."
-    ),
+    levels: int | None = typer.Option(None, help="Pyramid levels (4x apart); default: until the top level is small."),
     lesions: int = typer.Option(0, help="Planted lesion regions (ground truth written beside the slide)."),
     seed: int = typer.Option(0, help="Random seed of the tissue layout and texture."),
     tissue: str = typer.Option("blobs", help="blobs, full (all tissue) or none (blank glass)."),
@@ -136,12 +133,8 @@ def tiles(
     target_mpp: float = typer.Option(2.0, help="Microns per pixel of the tiles (2.0 = 5x, 0.5 = 20x)."),
     tile_size_px: int = typer.Option(224, "--tile-size", help="Tile side in pixels at target_mpp."),
     min_tissue_fraction: float = typer.Option(0.5, "--min-tissue", help="Keep tiles at least this fraction tissue."),
-    preview: Optional[Path] = typer.Option(
-        None, help="Write a PNG of the thumbnail with the tissue mask and tile grid."
-    ),
-    fallback_mpp: Optional[float] = typer.Option(
-        None, "--mpp", help="Scan resolution to use if the slide states none."
-    ),
+    preview: Path | None = typer.Option(None, help="Write a PNG of the thumbnail with the tissue mask and tile grid."),
+    fallback_mpp: float | None = typer.Option(None, "--mpp", help="Scan resolution to use if the slide states none."),
     backend: str = typer.Option("openslide", help="Reader: openslide (default, strict) or cucim (faster per core)."),
 ) -> None:
     """Detect tissue and plan the tile grid; print the tile count (and optionally draw it)."""
@@ -190,14 +183,12 @@ def _write_grid_preview(path: Path, thumbnail, tissue, grid) -> None:
 
 @app.command()
 def classify(
-    slide_path: Optional[Path] = typer.Argument(
-        None, help="Slide file; default: generate and classify the demo slide."
-    ),
+    slide_path: Path | None = typer.Argument(None, help="Slide file; default: generate and classify the demo slide."),
     output_dir: Path = typer.Option(Path("out"), "--out", help="Where to write the heatmap PNG and the result JSON."),
-    model_repo: Optional[Path] = typer.Option(
+    model_repo: Path | None = typer.Option(
         None, help="Verified model repository (xmag export); default: the demo repository, built on first use."
     ),
-    weights: Optional[Path] = typer.Option(
+    weights: Path | None = typer.Option(
         None, help="Run a checkpoint in torch instead of a repository (encoder; heads if stored)."
     ),
     weights_format: str = typer.Option(
@@ -209,9 +200,7 @@ def classify(
     ),
     batch_size: int = typer.Option(16, help="Tiles per encoder batch."),
     precision: str = typer.Option("fp32", help="With --weights: fp32, or bf16 (autocast; ~3x faster on CPUs)."),
-    fallback_mpp: Optional[float] = typer.Option(
-        None, "--mpp", help="Scan resolution to use if the slide states none."
-    ),
+    fallback_mpp: float | None = typer.Option(None, "--mpp", help="Scan resolution to use if the slide states none."),
 ) -> None:
     """Classify one slide in-process: tissue, 5x tiles, encoder, MIL heads, attention heatmap."""
     from export.demo import DEMO_REPOSITORY, ensure_demo_repository
@@ -311,67 +300,63 @@ def demo(
 
 @app.command()
 def serve(
-    model_repo: Optional[Path] = typer.Option(
+    model_repo: Path | None = typer.Option(
         None, help="Verified model repository; default: the demo repository. [env XMAG_MODEL_REPO]"
     ),
-    slide_root: Optional[list[Path]] = typer.Option(
+    slide_root: list[Path] | None = typer.Option(
         None,
         "--slide-root",
         help="Directory slides may be read from (repeatable); default: out/demo. [env XMAG_SLIDE_ROOTS, comma-separated]",
     ),
-    host: Optional[str] = typer.Option(
-        None, help="Address to listen on; default 127.0.0.1 (loopback). [env XMAG_HOST]"
-    ),
-    port: Optional[int] = typer.Option(None, help="REST port; default 8000. [env XMAG_PORT]"),
-    grpc: Optional[bool] = typer.Option(
+    host: str | None = typer.Option(None, help="Address to listen on; default 127.0.0.1 (loopback). [env XMAG_HOST]"),
+    port: int | None = typer.Option(None, help="REST port; default 8000. [env XMAG_PORT]"),
+    grpc: bool | None = typer.Option(
         None, "--grpc/--no-grpc", help="Serve gRPC beside REST (default). [env XMAG_GRPC]"
     ),
-    grpc_port: Optional[int] = typer.Option(None, help="gRPC port; default 50051. [env XMAG_GRPC_PORT]"),
-    reader_backend: Optional[str] = typer.Option(
-        None, help="Slide reader: openslide or cucim. [env XMAG_READER_BACKEND]"
-    ),
-    encoder_backend: Optional[str] = typer.Option(
+    grpc_port: int | None = typer.Option(None, help="gRPC port; default 50051. [env XMAG_GRPC_PORT]"),
+    reader_backend: str | None = typer.Option(None, help="Slide reader: openslide or cucim. [env XMAG_READER_BACKEND]"),
+    encoder_backend: str | None = typer.Option(
         None,
         help="auto (fastest correct, measured at start), torch, onnxruntime, tensorrt or triton. [env XMAG_ENCODER_BACKEND]",
     ),
-    precision: Optional[str] = typer.Option(None, help="auto, fp32, bf16, fp16 or int8. [env XMAG_PRECISION]"),
-    triton_url: Optional[str] = typer.Option(
+    precision: str | None = typer.Option(None, help="auto, fp32, bf16, fp16 or int8. [env XMAG_PRECISION]"),
+    triton_url: str | None = typer.Option(
         None, help="host:port of Triton's gRPC endpoint, for --encoder-backend triton. [env XMAG_TRITON_URL]"
     ),
-    triton_model: Optional[str] = typer.Option(
+    triton_model: str | None = typer.Option(
         None,
         help="The encoder's model name in Triton; default: the repository's fp32 ONNX encoder. [env XMAG_TRITON_MODEL]",
     ),
-    triton_timeout_s: Optional[float] = typer.Option(
+    triton_timeout_s: float | None = typer.Option(
         None, help="Longest Triton may take to answer one batch; default 30. [env XMAG_TRITON_TIMEOUT_S]"
     ),
-    triton_ready_timeout_s: Optional[float] = typer.Option(
+    triton_ready_timeout_s: float | None = typer.Option(
         None,
         help="How long Triton may take at start to have the model ready; default 120. [env XMAG_TRITON_READY_TIMEOUT_S]",
     ),
-    max_batch_size: Optional[int] = typer.Option(None, help="Most tiles per encoder batch, across slides; default 64."),
-    read_batch_size: Optional[int] = typer.Option(None, help="Tiles a slide hands the encoder at a time; default 16."),
-    max_batch_wait_ms: Optional[float] = typer.Option(
+    max_batch_size: int | None = typer.Option(None, help="Most tiles per encoder batch, across slides; default 64."),
+    read_batch_size: int | None = typer.Option(None, help="Tiles a slide hands the encoder at a time; default 16."),
+    max_batch_wait_ms: float | None = typer.Option(
         None, help="How long a partial batch waits for more tiles; default 5."
     ),
-    reader_threads: Optional[int] = typer.Option(None, help="Decoding threads per slide; default 2."),
-    max_concurrent_slides: Optional[int] = typer.Option(None, help="Slides processed at once; default 4."),
-    max_queued_slides: Optional[int] = typer.Option(
+    reader_threads: int | None = typer.Option(None, help="Decoding threads per slide; default 2."),
+    max_concurrent_slides: int | None = typer.Option(None, help="Slides processed at once; default 4."),
+    max_queued_slides: int | None = typer.Option(
         None, help="Slides that may wait beyond those (more get 429); default 32."
     ),
-    max_tiles_per_slide: Optional[int] = typer.Option(None, help="Larger slides get 413; default 20000."),
-    request_timeout_s: Optional[float] = typer.Option(
+    max_tiles_per_slide: int | None = typer.Option(None, help="Larger slides get 413; default 20000."),
+    request_timeout_s: float | None = typer.Option(
         None, help="Longest a slide may take, queueing included; default 600."
     ),
-    result_cache_size: Optional[int] = typer.Option(
+    result_cache_size: int | None = typer.Option(
         None, help="Recent results whose heatmaps can be fetched; default 32."
     ),
-    api_key: Optional[list[str]] = typer.Option(
+    api_key: list[str] | None = typer.Option(
         None,
         "--api-key",
         help="Require 'Authorization: Bearer <key>' (repeatable). Prefer XMAG_API_KEYS, which ps does not show.",
     ),
-    log_level: Optional[str] = typer.Option(None, help="debug, info, warning or error. [env XMAG_LOG_LEVEL]"),
+    log_level: str | None = typer.Option(None, help="debug, info, warning or error. [env XMAG_LOG_LEVEL]"),
 ) -> None:
     """Serve POST /v1/classify (REST) and xmag.v1.SlideClassifier (gRPC) on one batched engine; flags have XMAG_* variables."""
     import logging
@@ -415,8 +400,8 @@ def serve(
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.model_repo is None:
         from export.demo import DEMO_REPOSITORY
-        from xmag.demo import ensure_demo_slide
         from service.settings import DEMO_SLIDE_ROOT
+        from xmag.demo import ensure_demo_slide
 
         if DEMO_SLIDE_ROOT in settings.slide_roots and not (DEMO_SLIDE_ROOT / "demo_slide.svs").exists():
             ensure_demo_slide(DEMO_SLIDE_ROOT)
@@ -452,13 +437,13 @@ def lis_client(
     folder: Path = typer.Argument(..., help="Folder of slides (searched recursively)."),
     target: str = typer.Option("127.0.0.1:50051", help="The service's gRPC address, host:port."),
     output_dir: Path = typer.Option(Path("results"), "--out", help="Where to write one JSON per slide."),
-    server_folder: Optional[str] = typer.Option(None, help="Where the service sees FOLDER; default: the same path."),
-    api_key: Optional[str] = typer.Option(
+    server_folder: str | None = typer.Option(None, help="Where the service sees FOLDER; default: the same path."),
+    api_key: str | None = typer.Option(
         None, envvar="XMAG_API_KEY", help="API key, sent as 'authorization: Bearer'. [env XMAG_API_KEY]"
     ),
-    task: Optional[list[str]] = typer.Option(None, "--task", help="Task to run (repeatable); default: every task."),
+    task: list[str] | None = typer.Option(None, "--task", help="Task to run (repeatable); default: every task."),
     return_attention: bool = typer.Option(False, help="Include tile coordinates and attention in each result."),
-    timeout_s: Optional[float] = typer.Option(None, help="Give up on a slide after this many seconds."),
+    timeout_s: float | None = typer.Option(None, help="Give up on a slide after this many seconds."),
 ) -> None:
     """Stream a folder of slides through gRPC ClassifyMany; write each result (or error) as it arrives.
 
@@ -501,14 +486,14 @@ def bench(
         "xmag,naive_xmag,uni2h,phikon", help="Configurations, comma-separated: xmag, naive_xmag, uni2h, phikon."
     ),
     scan_40x: bool = typer.Option(True, help="Also run XMAG on the same glasses scanned at 40x."),
-    max_tiles: Optional[list[str]] = typer.Option(
+    max_tiles: list[str] | None = typer.Option(
         None,
         "--max-tiles",
         help="NAME=N: encode the first N tiles per slide and extrapolate (NAME=all: every tile). "
         "Defaults without a GPU: uni2h=24, phikon=96, naive_xmag=96; with one: uni2h=2048, naive_xmag=512.",
     ),
-    batch_size: Optional[int] = typer.Option(None, help="Tiles per encoder batch; default 16 on a CPU, 128 on a GPU."),
-    reader_threads: Optional[int] = typer.Option(None, help="Decoding threads per slide; default: the CPU cores."),
+    batch_size: int | None = typer.Option(None, help="Tiles per encoder batch; default 16 on a CPU, 128 on a GPU."),
+    reader_threads: int | None = typer.Option(None, help="Decoding threads per slide; default: the CPU cores."),
     backend: str = typer.Option("openslide", help="Slide reader of our pipeline: openslide or cucim."),
     slides_dir: Path = typer.Option(Path("out/bench_slides"), help="Cache of the generated benchmark slides."),
     quick: bool = typer.Option(False, help="Tiny models on one small slide: checks the harness in CI, not the speed."),
@@ -533,7 +518,7 @@ def bench(
         limits = {"uni2h": 8, "phikon": 8, "naive_xmag": 8}
     for item in max_tiles or []:
         name, _, value = item.partition("=")
-        if name not in CONFIGS or not (value == "all" or value.isdigit() and int(value) > 0):
+        if name not in CONFIGS or not (value == "all" or (value.isdigit() and int(value) > 0)):
             _fail(ValueError(f"--max-tiles takes NAME=N or NAME=all with NAME in {sorted(CONFIGS)}, got {item!r}"))
         limits[name] = None if value == "all" else int(value)
     try:
@@ -574,8 +559,8 @@ def import_weights_command(
     ),
     output: Path = typer.Argument(..., help="The XMAG checkpoint to write (.safetensors)."),
     weights_format: str = typer.Option("auto", "--format", help="auto, xmag_release, dinov2_hub, timm, hf_vit, xmag."),
-    architecture: Optional[str] = typer.Option(None, help="xmag_vitb14, uni2h, phikon_vitb16, ...; default by format."),
-    heads_from: Optional[Path] = typer.Option(None, help="Copy the slide heads stored in this XMAG checkpoint."),
+    architecture: str | None = typer.Option(None, help="xmag_vitb14, uni2h, phikon_vitb16, ...; default by format."),
+    heads_from: Path | None = typer.Option(None, help="Copy the slide heads stored in this XMAG checkpoint."),
 ) -> None:
     """Convert an official weight file into an XMAG checkpoint, recording its sha256 as provenance."""
     from export.import_weights import import_weights
@@ -593,7 +578,7 @@ def import_weights_command(
 def export_command(
     checkpoint: Path = typer.Argument(..., help="XMAG checkpoint (encoder + heads), e.g. from import-weights."),
     repo: Path = typer.Option(Path("model_repo/current"), help="Model repository to write (replaced when complete)."),
-    model_name: Optional[str] = typer.Option(None, help="Triton model name; default: the architecture."),
+    model_name: str | None = typer.Option(None, help="Triton model name; default: the architecture."),
     version: int = typer.Option(1, help="Model version directory."),
     max_batch_size: int = typer.Option(256, help="Triton max_batch_size of the encoder."),
     int8: bool = typer.Option(False, help="Also write a dynamically quantised int8 encoder for CPUs."),

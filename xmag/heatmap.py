@@ -43,7 +43,7 @@ def render_attention_heatmap(
     scaled = (attention - attention.min()) / span if span > 0 else np.ones_like(attention)
     colours = colour_ramp(scaled).astype(np.float32)
     height, width = canvas.shape[:2]
-    for (x, y), colour in zip(level0_coords, colours):
+    for (x, y), colour in zip(level0_coords, colours, strict=False):
         left = int(round(x / level0_px_per_thumbnail_px))
         top = int(round(y / level0_px_per_thumbnail_px))
         right = min(width, int(round((x + tile_size_level0_px) / level0_px_per_thumbnail_px)))
@@ -68,7 +68,9 @@ def attention_geojson(level0_coords: np.ndarray, tile_size_level0_px: int, atten
     scaled = (attention - attention.min()) / span if span > 0 else np.ones_like(attention)
     size = int(tile_size_level0_px)
     features = []
-    for index, ((x, y), weight, weight_scaled) in enumerate(zip(level0_coords.tolist(), attention, scaled)):
+    for index, ((x, y), weight, weight_scaled) in enumerate(
+        zip(level0_coords.tolist(), attention, scaled, strict=False)
+    ):
         ring = [[x, y], [x + size, y], [x + size, y + size], [x, y + size], [x, y]]
         features.append(
             {

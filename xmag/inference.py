@@ -136,7 +136,7 @@ class SlideHeadsRuntime(Protocol):
 def _task_output(class_names: list[str], probabilities: np.ndarray, attention: np.ndarray) -> TaskOutput:
     return TaskOutput(
         label=class_names[int(np.argmax(probabilities))],
-        probabilities={name: float(p) for name, p in zip(class_names, probabilities)},
+        probabilities={name: float(p) for name, p in zip(class_names, probabilities, strict=False)},
         attention=np.asarray(attention, dtype=np.float32),
     )
 
@@ -709,7 +709,7 @@ def _encoder_candidates(factory: _RuntimeFactory, hardware: Hardware) -> list[_C
     no_onnxruntime = "" if hardware.onnxruntime_providers else "onnxruntime is not installed"
     onnx_fp32, onnx_int8 = artifact("onnxruntime", "fp32"), artifact("onnxruntime", "int8")
     gpu_providers = onnxruntime_gpu_providers(hardware)
-    fp32_providers = gpu_providers + ("CPUExecutionProvider",)
+    fp32_providers = (*gpu_providers, "CPUExecutionProvider")
     # GPUs before Ampere (compute capability 8.0) have no bf16 arithmetic.
     no_bf16 = gpu and int(hardware.cuda_compute_capability.split(".")[0]) < 8
     return [

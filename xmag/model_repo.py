@@ -271,7 +271,7 @@ def choose_encoder_artifact(repository: ModelRepository, hardware: Hardware) -> 
     onnx_fp32 = [a for a in encoders if a.runtime == "onnxruntime" and a.precision == "fp32"]
     gpu_providers = onnxruntime_gpu_providers(hardware)
     if onnx_fp32 and gpu_providers:
-        return EncoderChoice(onnx_fp32[0], "onnxruntime", gpu_providers + ("CPUExecutionProvider",))
+        return EncoderChoice(onnx_fp32[0], "onnxruntime", (*gpu_providers, "CPUExecutionProvider"))
     if "CPUExecutionProvider" in hardware.onnxruntime_providers:
         onnx_cpu = [a for a in encoders if a.runtime == "onnxruntime" and a.precision == "int8"] + onnx_fp32
         if onnx_cpu:

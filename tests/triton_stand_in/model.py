@@ -33,6 +33,6 @@ class TritonPythonModel:
         for request in requests:
             feeds = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names}
             results = self.session.run(self.output_names, feeds)
-            outputs = [pb_utils.Tensor(name, result) for name, result in zip(self.output_names, results)]
+            outputs = [pb_utils.Tensor(name, result) for name, result in zip(self.output_names, results, strict=False)]
             responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
         return responses

@@ -28,11 +28,11 @@ mis-shaped keys before anything is copied into the model.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 import math
 import os
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from xmag.errors import CheckpointError
 from xmag.models.abmil import GatedABMIL, SlideHeads
-from xmag.models.vit import VIT_CONFIGS, ViTConfig, VisionTransformer, get_vit_config
+from xmag.models.vit import VIT_CONFIGS, VisionTransformer, ViTConfig, get_vit_config
 
 CHECKPOINT_FORMATS = ("dinov2_hub", "timm", "xmag_release", "hf_vit", "xmag")
 

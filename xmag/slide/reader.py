@@ -18,9 +18,10 @@ import importlib.util
 import math
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 import tifffile
@@ -226,7 +227,7 @@ def check_tiff_integrity(path: str) -> None:
 
 
 def _check_jpeg_tiles(filehandle, page, corrupt) -> None:
-    for tile_index, (offset, byte_count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
+    for tile_index, (offset, byte_count) in enumerate(zip(page.dataoffsets, page.databytecounts, strict=False)):
         if byte_count == 0:  # an empty tile: scanners leave blank areas unwritten
             continue
         filehandle.seek(offset)

@@ -44,7 +44,7 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
-__all__ = ["SyntheticSlide", "make_synthetic_slide", "MASK_UM_PER_PX"]
+__all__ = ["MASK_UM_PER_PX", "SyntheticSlide", "make_synthetic_slide"]
 
 # Ground-truth masks are stored at this fixed resolution whatever the slide's
 # magnification, so masks of a 20x and a 40x slide of the same tissue can be compared.

@@ -9,8 +9,8 @@ at 20x or 40x, and whether or not the target resolution is a stored level.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -119,7 +119,7 @@ def iter_tile_batches(reader: SlideReader, grid: TileGrid, batch_size: int) -> I
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     tile_size_px = grid.spec.output_px
     regions = reader.read_regions(grid.level0_coords, grid.read_level, grid.read_size_px, batch_size)
-    for start, batch in zip(range(0, len(grid), batch_size), regions):
+    for start, batch in zip(range(0, len(grid), batch_size), regions, strict=False):
         coords = grid.level0_coords[start : start + len(batch)]
         if grid.read_size_px != tile_size_px:
             batch = np.stack([resize_tile(region, tile_size_px) for region in batch])
