@@ -27,7 +27,7 @@ from typing import Literal
 
 import numpy as np
 
-from benchmarks.report import PAPER
+from xmag.benchmarks.report import PAPER
 from xmag.slide.tiling import PHIKON_20X, UNI2H_20X, XMAG_5X, TilingSpec
 
 Pipeline = Literal["ours", "naive"]
@@ -110,7 +110,7 @@ def _encoder_for(config: BenchConfig, architecture: str, quick: bool, device: st
         return TorchTileEncoder(build_tile_encoder(architecture, seed=0), "fp32", "cpu" if device == "cpu" else device)
     if config.name == "xmag" and not quick:
         # The product path: the exported repository, backend chosen by measuring (as `xmag serve` does).
-        from export.demo import DEMO_REPOSITORY, ensure_demo_repository
+        from xmag.export.demo import DEMO_REPOSITORY, ensure_demo_repository
         from xmag.inference import select_encoder_runtime
         from xmag.model_repo import load_model_repository
 
@@ -152,7 +152,7 @@ def run_config(
     slides = []
     for path in slide_paths:
         if config.pipeline == "naive":
-            from benchmarks.naive import naive_classify
+            from xmag.benchmarks.naive import naive_classify
 
             measured = naive_classify(path, encoder, heads, config.spec, batch_size, max_tiles)
         else:
@@ -264,7 +264,7 @@ def run_benchmark(
             "backend": backend,
         }
         completed = subprocess.run(
-            [sys.executable, "-m", "benchmarks.harness", json.dumps(arguments)], capture_output=True, text=True
+            [sys.executable, "-m", "xmag.benchmarks.harness", json.dumps(arguments)], capture_output=True, text=True
         )
         if completed.returncode != 0:
             raise BenchmarkError(f"configuration {run.config} failed:\n{completed.stderr[-4000:]}")
@@ -278,7 +278,7 @@ def run_benchmark(
         )
         results.append(result)
 
-    from benchmarks.report import comparisons, write_report
+    from xmag.benchmarks.report import comparisons, write_report
 
     report = {
         "hardware": hardware_description(),

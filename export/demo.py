@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from export.repository import ExportOptions, export_model_repository
+from xmag.export.repository import ExportOptions, export_model_repository
 from xmag.demo import DEMO_ENCODER_CONFIG, DEMO_WEIGHTS_NOTICE, demo_encoder, demo_heads
 from xmag.model_repo import MANIFEST_FILE
 from xmag.models.checkpoints import save_encoder_checkpoint

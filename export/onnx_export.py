@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from export import triton_config
+from xmag.export import triton_config
 from xmag.errors import XmagError
 from xmag.model_repo import Parity
 from xmag.models.abmil import GatedABMIL

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from importlib import metadata as package_metadata
 from pathlib import Path
 
-from export import onnx_export, triton_config
+from xmag.export import onnx_export, triton_config
 from xmag.model_repo import (
     MANIFEST_FILE,
     Artifact,
@@ -94,7 +94,7 @@ def export_model_repository(
     is replaced only once the new one is complete.
     """
     if options.tensorrt:
-        from export import tensorrt_build
+        from xmag.export import tensorrt_build
 
         tensorrt_build.require_tensorrt()  # before minutes of ONNX work, not after
     checkpoint_path = Path(checkpoint_path)

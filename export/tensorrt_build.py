@@ -36,7 +36,7 @@ from types import ModuleType
 
 import numpy as np
 
-from export.triton_config import EMBEDDING_OUTPUT, TILE_SIZE_PX, TILES_INPUT
+from xmag.export.triton_config import EMBEDDING_OUTPUT, TILE_SIZE_PX, TILES_INPUT
 from xmag.inference import TensorRTTileEncoder
 from xmag.tensorrt_runtime import (  # noqa: F401 - TensorRTUnavailableError is part of this module's interface
     TensorRTEngineError,

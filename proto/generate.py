@@ -6,7 +6,7 @@
 Needs grpcio-tools (a dev dependency); the service itself needs only grpcio and protobuf.
 The protos are compiled with proto/ as the include root, so descriptors and
 reflection name them `xmag/v1/...`; the one import the generator writes for
-that layout is pointed at `service.grpc_api`, where the modules live (a
+that layout is pointed at `xmag.service.grpc_api`, where the modules live (a
 top-level `xmag.v1` package would collide with the core package `xmag`).
 """
 
@@ -43,7 +43,7 @@ def generate(target: Path) -> list[Path]:
         target.mkdir(parents=True, exist_ok=True)
         written = []
         for generated in sorted((Path(scratch) / "xmag" / "v1").iterdir()):
-            text = generated.read_text().replace("from xmag.v1 import", "from service.grpc_api import")
+            text = generated.read_text().replace("from xmag.v1 import", "from xmag.service.grpc_api import")
             path = target / generated.name
             path.write_text(text)
             written.append(path)

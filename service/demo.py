@@ -38,7 +38,7 @@ def serving(slide_root: Path, port: int, ready_timeout_s: float, say: Callable[[
     command = [
         sys.executable,
         "-m",
-        "xmag",
+        "xmag.cli",
         "serve",
         "--port",
         str(port),

@@ -32,17 +32,17 @@ from typing import Literal
 
 import numpy as np
 
-from service.errors import (
+from xmag.service.errors import (
     NotReadyError,
     QueueFullError,
     SlideCancelledError,
     SlideTimeoutError,
     UnknownTaskError,
 )
-from service.guard import SlidePathGuard
-from service.metrics import ServiceMetrics
-from service.scheduler import BatchScheduler, ChunkCancelledError, ScheduledEncoder
-from service.settings import ServiceSettings
+from xmag.service.guard import SlidePathGuard
+from xmag.service.metrics import ServiceMetrics
+from xmag.service.scheduler import BatchScheduler, ChunkCancelledError, ScheduledEncoder
+from xmag.service.settings import ServiceSettings
 from xmag.errors import XmagError
 from xmag.inference import SlideHeadsRuntime, TileEncoderRuntime, TritonEndpoint
 from xmag.model_repo import MANIFEST_FILE, ModelRepository, sha256_of
@@ -208,7 +208,7 @@ class Engine:
         from xmag.model_repo import load_model_repository
 
         if settings.model_repo is None:
-            from export.demo import DEMO_REPOSITORY, ensure_demo_repository
+            from xmag.export.demo import DEMO_REPOSITORY, ensure_demo_repository
 
             repository = load_model_repository(ensure_demo_repository(DEMO_REPOSITORY))
         else:

@@ -21,12 +21,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.engine import Engine, EngineHolder, EngineResult, SlideJob
-from service.errors import INTERNAL, InvalidRequestError, status_of
-from service.grpc_api import classifier_pb2 as pb
-from service.grpc_api import classifier_pb2_grpc as pb_grpc
-from service.metrics import ServiceMetrics
-from service.settings import ServiceSettings
+from xmag.service.engine import Engine, EngineHolder, EngineResult, SlideJob
+from xmag.service.errors import INTERNAL, InvalidRequestError, status_of
+from xmag.service.grpc_api import classifier_pb2 as pb
+from xmag.service.grpc_api import classifier_pb2_grpc as pb_grpc
+from xmag.service.metrics import ServiceMetrics
+from xmag.service.settings import ServiceSettings
 from xmag.errors import RetryLaterError, XmagError
 from xmag.pipeline import SlideEvent
 

@@ -12,7 +12,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from service.errors import InvalidRequestError, SlidePathForbiddenError
+from xmag.service.errors import InvalidRequestError, SlidePathForbiddenError
 from xmag.errors import SlideNotFoundError
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
-from service.grpc_api import classifier_pb2 as pb
-from service.grpc_api import classifier_pb2_grpc as pb_grpc
+from xmag.service.grpc_api import classifier_pb2 as pb
+from xmag.service.grpc_api import classifier_pb2_grpc as pb_grpc
 from xmag.errors import XmagError
 
 # Formats OpenSlide reads; other files in the folder are left alone.

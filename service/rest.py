@@ -20,12 +20,12 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import schemas
-from service.engine import Engine, EngineHolder, EngineResult
-from service.errors import INTERNAL, status_of
-from service.metrics import ServiceMetrics
-from service.results import ResultStore
-from service.settings import ServiceSettings
+from xmag.service import schemas
+from xmag.service.engine import Engine, EngineHolder, EngineResult
+from xmag.service.errors import INTERNAL, status_of
+from xmag.service.metrics import ServiceMetrics
+from xmag.service.results import ResultStore
+from xmag.service.settings import ServiceSettings
 from xmag import __version__
 from xmag.errors import RetryLaterError, XmagError
 
@@ -76,7 +76,7 @@ def create_app(settings: ServiceSettings, engine_factory: EngineFactory = Engine
         # This lifespan is the process's: it loads the engine once and hosts the gRPC face beside REST.
         grpc_face = None
         if settings.grpc:
-            from service.grpc_face import start_grpc_face
+            from xmag.service.grpc_face import start_grpc_face
 
             grpc_face = await start_grpc_face(holder, settings, metrics)
             app.state.grpc_port = grpc_face.port

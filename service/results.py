@@ -13,8 +13,8 @@ import threading
 
 import numpy as np
 
-from service.engine import EngineResult
-from service.errors import ResultNotFoundError
+from xmag.service.engine import EngineResult
+from xmag.service.errors import ResultNotFoundError
 from xmag.heatmap import attention_geojson, render_attention_heatmap
 
 

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 import uvicorn
 
-from export.repository import export_model_repository
-from service.engine import Engine, ModelDescription
-from service.rest import create_app
-from service.settings import ServiceSettings
+from xmag.export.repository import export_model_repository
+from xmag.service.engine import Engine, ModelDescription
+from xmag.service.rest import create_app
+from xmag.service.settings import ServiceSettings
 from xmag.inference import heads_from_repository, select_encoder_runtime
 from xmag.model_repo import load_model_repository
 from xmag.models.abmil import GatedABMIL, SlideHeads

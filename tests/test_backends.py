@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.repository import ExportOptions, export_model_repository
+from xmag.export.repository import ExportOptions, export_model_repository
 from xmag.errors import XmagError
 from xmag.inference import (
     MIN_BACKEND_COSINE,

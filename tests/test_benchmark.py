@@ -8,8 +8,8 @@ import sys
 
 from PIL import Image
 
-from benchmarks.harness import scale_to_full_grid
-from benchmarks.report import PAPER, comparisons
+from xmag.benchmarks.harness import scale_to_full_grid
+from xmag.benchmarks.report import PAPER, comparisons
 
 
 def test_quick_benchmark_writes_every_output(tmp_path):
@@ -17,7 +17,7 @@ def test_quick_benchmark_writes_every_output(tmp_path):
         [
             sys.executable,
             "-m",
-            "xmag",
+            "xmag.cli",
             "bench",
             "--quick",
             "--out",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.settings import ServiceSettings
+from xmag.service.settings import ServiceSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"

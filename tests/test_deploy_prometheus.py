@@ -17,9 +17,9 @@ import pytest
 import yaml
 from service_support import running_service, service_settings
 
-from service.demo import free_loopback_port
-from service.metrics import GpuCollector
-from service.rest import create_app
+from xmag.service.demo import free_loopback_port
+from xmag.service.metrics import GpuCollector
+from xmag.service.rest import create_app
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 SCRAPE_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"

@@ -12,9 +12,9 @@ import pytest
 import torch
 from _reference import key_list, load_fixture
 
-from export import onnx_export
-from export.import_weights import import_weights
-from export.repository import ExportOptions, export_model_repository
+from xmag.export import onnx_export
+from xmag.export.import_weights import import_weights
+from xmag.export.repository import ExportOptions, export_model_repository
 from xmag.inference import runtimes_from_repository
 from xmag.model_repo import (
     Hardware,
@@ -201,7 +201,7 @@ def test_interrupted_export_leaves_the_old_repository(exported, tmp_path, monkey
 def test_tensorrt_export_refuses_before_any_work_without_tensorrt(exported, tmp_path):
     import importlib.util
 
-    from export.tensorrt_build import TensorRTUnavailableError
+    from xmag.export.tensorrt_build import TensorRTUnavailableError
 
     if importlib.util.find_spec("tensorrt"):
         pytest.skip("TensorRT is installed: the refusal cannot be shown here")

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import export.tensorrt_build as tensorrt_build
-from export.tensorrt_build import (
+import xmag.export.tensorrt_build as tensorrt_build
+from xmag.export.tensorrt_build import (
     TensorRTUnavailableError,
     build_tensorrt_engine,
     check_engine_parity,

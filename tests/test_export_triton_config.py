@@ -17,7 +17,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, te
 from grpc_tools import protoc
 from tritonclient.grpc import model_config_pb2 as triton_model_config_pb2
 
-from export.triton_config import (
+from xmag.export.triton_config import (
     DynamicBatching,
     ModelConfigSpec,
     TensorSpec,

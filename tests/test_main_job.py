@@ -18,7 +18,7 @@ from xmag.model_repo import load_model_repository
 def demo_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("main_job")
     completed = subprocess.run(
-        [sys.executable, "-m", "xmag", "demo", "--out", "out"],
+        [sys.executable, "-m", "xmag.cli", "demo", "--out", "out"],
         capture_output=True,
         text=True,
         timeout=900,

@@ -28,9 +28,9 @@ from service_support import (
 )
 from test_errors import damage_tiles
 
-from service.engine import Engine
-from service.rest import create_app
-from service.settings import ServiceSettings
+from xmag.service.engine import Engine
+from xmag.service.rest import create_app
+from xmag.service.settings import ServiceSettings
 from xmag.model_repo import load_model_repository
 from xmag.slide.synthetic import make_synthetic_slide
 

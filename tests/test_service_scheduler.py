@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from service.scheduler import BatchScheduler, ChunkCancelledError, SchedulerStoppedError
+from xmag.service.scheduler import BatchScheduler, ChunkCancelledError, SchedulerStoppedError
 from xmag.inference import TorchTileEncoder
 from xmag.models.encoder import build_tile_encoder
 

@@ -27,12 +27,12 @@ from triton_support import (
 )
 from typer.testing import CliRunner
 
-from export import triton_config
-from export.repository import ExportOptions, export_model_repository
-from service.demo import free_loopback_port
-from service.engine import Engine
-from service.errors import CallerStatus, status_of
-from service.rest import create_app
+from xmag.export import triton_config
+from xmag.export.repository import ExportOptions, export_model_repository
+from xmag.service.demo import free_loopback_port
+from xmag.service.engine import Engine
+from xmag.service.errors import CallerStatus, status_of
+from xmag.service.rest import create_app
 from xmag.inference import (
     MIN_BACKEND_COSINE,
     TRITON_EMBEDDING_DATATYPE,

@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.demo import free_loopback_port
+from xmag.service.demo import free_loopback_port
 
 TRITON_PYTHON_ENV = "XMAG_TRITON_PYTHON"
 STAND_IN_MODEL = Path(__file__).parent / "triton_stand_in" / "model.py"

@@ -203,7 +203,7 @@ def classify(
     fallback_mpp: float | None = typer.Option(None, "--mpp", help="Scan resolution to use if the slide states none."),
 ) -> None:
     """Classify one slide in-process: tissue, 5x tiles, encoder, MIL heads, attention heatmap."""
-    from export.demo import DEMO_REPOSITORY, ensure_demo_repository
+    from xmag.export.demo import DEMO_REPOSITORY, ensure_demo_repository
     from xmag.demo import ensure_demo_slide
     from xmag.pipeline import classify_slide
 
@@ -288,7 +288,7 @@ def demo(
     ),
 ) -> None:
     """The main job: start the service on the demo repository, classify the demo slide via POST /v1/classify."""
-    from service.demo import run_demo
+    from xmag.service.demo import run_demo
 
     try:
         written = run_demo(output_dir, typer.echo)
@@ -364,8 +364,8 @@ def serve(
     import uvicorn
     from pydantic import ValidationError
 
-    from service.rest import create_app
-    from service.settings import ServiceSettings
+    from xmag.service.rest import create_app
+    from xmag.service.settings import ServiceSettings
 
     given = {
         "model_repo": model_repo,
@@ -399,8 +399,8 @@ def serve(
         _fail(ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.model_repo is None:
-        from export.demo import DEMO_REPOSITORY
-        from service.settings import DEMO_SLIDE_ROOT
+        from xmag.export.demo import DEMO_REPOSITORY
+        from xmag.service.settings import DEMO_SLIDE_ROOT
         from xmag.demo import ensure_demo_slide
 
         if DEMO_SLIDE_ROOT in settings.slide_roots and not (DEMO_SLIDE_ROOT / "demo_slide.svs").exists():
@@ -450,7 +450,7 @@ def lis_client(
     Exit status: 0 when every slide was classified, 1 when some failed (their
     JSON says why), 2 when the stream could not run.
     """
-    from service.lis_client import classify_folder, find_slides
+    from xmag.service.lis_client import classify_folder, find_slides
 
     try:
         with tqdm(
@@ -503,8 +503,8 @@ def bench(
 
     import torch
 
-    from benchmarks.harness import CONFIGS, BenchmarkError, BenchRun, run_benchmark
-    from benchmarks.slides import ensure_benchmark_slides
+    from xmag.benchmarks.harness import CONFIGS, BenchmarkError, BenchRun, run_benchmark
+    from xmag.benchmarks.slides import ensure_benchmark_slides
 
     names = [name.strip() for name in configs.split(",") if name.strip()]
     unknown = sorted(set(names) - set(CONFIGS))
@@ -563,7 +563,7 @@ def import_weights_command(
     heads_from: Path | None = typer.Option(None, help="Copy the slide heads stored in this XMAG checkpoint."),
 ) -> None:
     """Convert an official weight file into an XMAG checkpoint, recording its sha256 as provenance."""
-    from export.import_weights import import_weights
+    from xmag.export.import_weights import import_weights
     from xmag.models.checkpoints import load_slide_heads
 
     try:
@@ -587,7 +587,7 @@ def export_command(
     trt_max_batch: int = typer.Option(256, help="TensorRT optimisation profile: largest batch."),
 ) -> None:
     """Export ONNX (and optionally int8 and TensorRT) artifacts, Triton configs and a manifest with sha256 sums."""
-    from export.repository import ExportOptions, export_model_repository
+    from xmag.export.repository import ExportOptions, export_model_repository
 
     options = ExportOptions(
         version=version,

@@ -1,5 +1,0 @@
-"""`python -m xmag` runs the command line."""
-
-from xmag.cli import app
-
-app()
