@@ -1,8 +1,9 @@
-"""Locating and reading the numeric reference fixtures (see shared/reference/README.md).
+"""Locating and reading the numeric reference fixtures (see tests/reference/README.md).
 
-The fixtures are looked for in $XMAG_REFERENCE_DIR if it is set, else in
-<repository root>/../shared/reference. Missing fixtures fail the test that
-needs them: a reference check that silently skips proves nothing.
+The fixtures are outputs of the official DINOv2 and timm implementations (data,
+not code), committed under tests/reference so that a fresh clone tests with
+nothing beside it; $XMAG_REFERENCE_DIR points elsewhere. Missing fixtures fail
+the test that needs them: a reference check that silently skips proves nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def reference_dir() -> Path:
     """The fixture directory, or pytest.fail saying where it looked."""
     # An explicit setting is the only place looked at, so a typo in it is not hidden by the default.
     configured = os.environ.get("XMAG_REFERENCE_DIR")
-    candidate = Path(configured) if configured else REPO_ROOT.parent / "shared" / "reference"
+    candidate = Path(configured) if configured else REPO_ROOT / "tests" / "reference"
     if not candidate.is_dir():
         where = "set by $XMAG_REFERENCE_DIR" if configured else "the default location"
         pytest.fail(
