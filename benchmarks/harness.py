@@ -28,6 +28,7 @@ from typing import Literal
 import numpy as np
 
 from xmag.benchmarks.report import PAPER
+from xmag.errors import XmagError
 from xmag.slide.tiling import PHIKON_20X, UNI2H_20X, XMAG_5X, TilingSpec
 
 Pipeline = Literal["ours", "naive"]
@@ -99,22 +100,23 @@ def hardware_description() -> dict:
 # -- one configuration, in the child process --------------------------------
 
 
-def _encoder_for(config: BenchConfig, architecture: str, quick: bool, device: str):
+def _encoder_for(config: BenchConfig, architecture: str, quick: bool, device: str, model_repo: str | None):
     """The fastest correct encoder this harness can build for the configuration, and what it is."""
     import torch
 
-    from xmag.inference import TorchTileEncoder
     from xmag.models.encoder import build_tile_encoder
+    from xmag.runtimes.torch_backend import TorchTileEncoder
 
     if config.pipeline == "naive":
         return TorchTileEncoder(build_tile_encoder(architecture, seed=0), "fp32", "cpu" if device == "cpu" else device)
     if config.name == "xmag" and not quick:
         # The product path: the exported repository, backend chosen by measuring (as `xmag serve` does).
-        from xmag.export.demo import DEMO_REPOSITORY, ensure_demo_repository
-        from xmag.inference import select_encoder_runtime
         from xmag.model_repo import load_model_repository
+        from xmag.runtimes.selection import select_encoder_runtime
 
-        repository = load_model_repository(ensure_demo_repository(DEMO_REPOSITORY))
+        if model_repo is None:
+            raise BenchmarkError("the xmag configuration measures an exported model repository; none was given")
+        repository = load_model_repository(model_repo)
         probe = 64 if torch.cuda.is_available() else 4
         return select_encoder_runtime(repository, probe_batch_size=probe).runtime
     # The 20x models are not exported (UNI2-h's ONNX would be 2.7 GB); torch at its fastest correct precision.
@@ -130,17 +132,18 @@ def run_config(
     max_tiles: int | None,
     quick: bool,
     backend: str,
+    model_repo: str | None = None,
 ) -> dict:
     """Measure one configuration on every slide; returns the JSON-ready result."""
     import torch
 
-    from xmag.inference import TorchSlideHeads
     from xmag.models.abmil import GatedABMIL, SlideHeads
+    from xmag.runtimes.torch_backend import TorchSlideHeads
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     architecture = config.quick_architecture if quick else config.architecture
     started = time.perf_counter()
-    encoder = _encoder_for(config, architecture, quick, device)
+    encoder = _encoder_for(config, architecture, quick, device, model_repo)
     load_s = time.perf_counter() - started
     torch.manual_seed(0)
     heads = TorchSlideHeads(
@@ -236,6 +239,39 @@ class BenchRun:
     max_tiles: int | None
 
 
+def tile_limits(gpu: bool, quick: bool, overrides: list[str]) -> dict[str, int | None]:
+    """Tiles encoded per slide for each configuration (None: every tile); `overrides` are NAME=N or NAME=all.
+
+    The 20x models encode a subset on a CPU, and the result is extrapolated to the whole slide.
+    """
+    limits: dict[str, int | None] = (
+        {"uni2h": 2048, "naive_xmag": 512} if gpu else {"uni2h": 24, "phikon": 96, "naive_xmag": 96}
+    )
+    if quick:
+        limits = {"uni2h": 8, "phikon": 8, "naive_xmag": 8}
+    for item in overrides:
+        name, _, value = item.partition("=")
+        if name not in CONFIGS or not (value == "all" or (value.isdigit() and int(value) > 0)):
+            raise ValueError(f"--max-tiles takes NAME=N or NAME=all with NAME in {sorted(CONFIGS)}, got {item!r}")
+        limits[name] = None if value == "all" else int(value)
+    return limits
+
+
+def plan_runs(names: list[str], glasses: list, scan_40x: bool, limits: dict[str, int | None]) -> list[BenchRun]:
+    """One run per configuration on the 20x glasses, and XMAG once more on the 40x scans of the same glasses."""
+    unknown = sorted(set(names) - set(CONFIGS))
+    if unknown:
+        raise ValueError(f"unknown configuration(s) {unknown}; choose from {sorted(CONFIGS)}")
+    at = {
+        magnification: tuple(str(g.path) for g in glasses if g.base_magnification == magnification)
+        for magnification in (20, 40)
+    }
+    runs = [BenchRun(name, at[20], 20, limits.get(name)) for name in names]
+    if scan_40x and "xmag" in names:
+        runs.insert(names.index("xmag") + 1, BenchRun("xmag", at[40], 40, limits.get("xmag")))
+    return runs
+
+
 def run_benchmark(
     runs: list[BenchRun],
     output_dir: Path,
@@ -244,9 +280,13 @@ def run_benchmark(
     reader_threads: int,
     quick: bool,
     backend: str,
+    model_repo: Path | None = None,
     say=print,
 ) -> dict:
-    """Run each configuration in a child process and write results.json, results.md and the plots."""
+    """Run each configuration in a child process and write results.json, results.md and the plots.
+
+    `model_repo` is the exported repository the xmag configuration measures (the product path).
+    """
     results = []
     for run in runs:
         config = CONFIGS[run.config]
@@ -262,6 +302,7 @@ def run_benchmark(
             "max_tiles": run.max_tiles,
             "quick": quick,
             "backend": backend,
+            "model_repo": None if model_repo is None else str(model_repo),
         }
         completed = subprocess.run(
             [sys.executable, "-m", "xmag.benchmarks.harness", json.dumps(arguments)], capture_output=True, text=True
@@ -291,8 +332,10 @@ def run_benchmark(
     return report
 
 
-class BenchmarkError(RuntimeError):
-    """A configuration's child process failed; the message carries its error output."""
+class BenchmarkError(XmagError):
+    """A configuration's child process failed, or the benchmark was asked for something it cannot run."""
+
+    code = "benchmark_failed"
 
 
 def _child_main(arguments: dict) -> None:
@@ -305,6 +348,7 @@ def _child_main(arguments: dict) -> None:
         arguments["max_tiles"],
         arguments["quick"],
         arguments["backend"],
+        arguments["model_repo"],
     )
     print(json.dumps(result))
 

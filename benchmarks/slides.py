@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from xmag.slide.synthetic import make_synthetic_slide
+from xmag.synthetic.slide import make_synthetic_slide
 
 GLASS_WIDTH_UM = 21_500
 GLASS_HEIGHT_UM = 16_125

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from xmag.export.repository import ExportOptions, export_model_repository
 from xmag.demo import DEMO_ENCODER_CONFIG, DEMO_WEIGHTS_NOTICE, demo_encoder, demo_heads
+from xmag.export.repository import ExportOptions, export_model_repository
 from xmag.model_repo import MANIFEST_FILE
-from xmag.models.checkpoints import save_encoder_checkpoint
+from xmag.models.checkpoints.xmag_format import save_encoder_checkpoint
 
 # Built on first use (about 430 MB; ignored by git), not committed.
 DEMO_REPOSITORY = Path("model_repo/demo")

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from xmag.model_repo import sha256_of
 from xmag.models.abmil import SlideHeads
-from xmag.models.checkpoints import detect_checkpoint_format, load_vit_weights, read_state_dict, save_encoder_checkpoint
+from xmag.models.checkpoints.fitting import load_vit_weights
+from xmag.models.checkpoints.reading import detect_checkpoint_format, read_state_dict
+from xmag.models.checkpoints.xmag_format import save_encoder_checkpoint
 from xmag.models.vit import VisionTransformer, get_vit_config
 
 # The architecture each official source is, when the caller does not say.

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from importlib import metadata as package_metadata
 from pathlib import Path
 
+from xmag.contract import TILE_SIZE_PX
 from xmag.export import onnx_export, triton_config
 from xmag.model_repo import (
     MANIFEST_FILE,
@@ -41,7 +42,7 @@ from xmag.model_repo import (
     TaskSpec,
     sha256_of,
 )
-from xmag.models.checkpoints import load_xmag_checkpoint, save_encoder_checkpoint
+from xmag.models.checkpoints.xmag_format import load_xmag_checkpoint, save_encoder_checkpoint
 from xmag.models.encoder import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, TileEncoder
 from xmag.models.vit import VIT_CONFIGS
 from xmag.slide.tiling import XMAG_5X
@@ -171,7 +172,7 @@ def export_model_repository(
             int8_name = f"{model_name}_int8"
             int8_path = staging / int8_name / version / "model.onnx"
             onnx_export.quantize_encoder_int8(encoder_path, int8_path)
-            int8_parity = onnx_export.encoder_parity(encoder, int8_path)
+            int8_parity = onnx_export.encoder_parity(encoder, int8_path, onnx_export.INT8_PARITY_BATCH_SIZES)
             add_model(
                 int8_name,
                 "encoder",
@@ -282,10 +283,8 @@ def _make_readable_by_all(root: Path) -> None:
 def _encoder_config(
     name, platform, options: ExportOptions, embed_dim, tile_size_px, kind, cc_model_filenames=None, max_batch=None
 ):
-    if tile_size_px != triton_config.TILE_SIZE_PX:
-        raise ValueError(
-            f"the Triton configs describe {triton_config.TILE_SIZE_PX} px tiles, the encoder takes {tile_size_px} px"
-        )
+    if tile_size_px != TILE_SIZE_PX:
+        raise ValueError(f"the Triton configs describe {TILE_SIZE_PX} px tiles, the encoder takes {tile_size_px} px")
     if platform == triton_config.TENSORRT_PLATFORM:
         spec = triton_config.tensorrt_encoder_config(
             name,

@@ -5,8 +5,8 @@ package; development machines and CI have none of them. So `tensorrt` is
 imported only inside the functions that use it: where it is missing they raise
 `TensorRTUnavailableError`, and the ONNX artifacts stay usable without it. The
 import check, engine loading and the errors are the core's
-(`xmag.tensorrt_runtime`), and the parity check runs the engine with the
-runtime the service uses (`xmag.inference.TensorRTTileEncoder`). The
+(`xmag.runtimes.tensorrt_backend`), and the parity check runs the engine with the
+runtime the service uses (`xmag.runtimes.tensorrt_backend.TensorRTTileEncoder`). The
 file-name helpers and `compare_embeddings` are pure and work everywhere.
 
 Engine file names
@@ -36,11 +36,10 @@ from types import ModuleType
 
 import numpy as np
 
-from xmag.export.triton_config import EMBEDDING_OUTPUT, TILE_SIZE_PX, TILES_INPUT
-from xmag.inference import TensorRTTileEncoder
-from xmag.tensorrt_runtime import (  # noqa: F401 - TensorRTUnavailableError is part of this module's interface
+from xmag.contract import EMBEDDING_OUTPUT, TILE_SIZE_PX, TILES_INPUT
+from xmag.runtimes.tensorrt_backend import (
     TensorRTEngineError,
-    TensorRTUnavailableError,
+    TensorRTTileEncoder,
     import_tensorrt,
     require_cuda_gpu,
 )

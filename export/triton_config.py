@@ -25,10 +25,15 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-# The encoder's interface, shared by every backend (see DESIGN.md, "Conventions").
-TILE_SIZE_PX = 224
-TILES_INPUT = "tiles"
-EMBEDDING_OUTPUT = "embedding"
+from xmag.contract import (
+    EMBEDDING_OUTPUT,
+    TILE_SIZE_PX,
+    TILES_INPUT,
+    TRITON_EMBEDDING_CONFIG_TYPE,
+    TRITON_TILES_CONFIG_TYPE,
+)
+
+# The encoder's interface is xmag.contract, shared by every backend.
 STUDENT_EMBED_DIM = 768
 
 # The slide head's interface.
@@ -341,11 +346,11 @@ def render_model_config(spec: ModelConfigSpec) -> str:
 
 
 def _tiles_input() -> TensorSpec:
-    return TensorSpec(TILES_INPUT, "TYPE_UINT8", (TILE_SIZE_PX, TILE_SIZE_PX, 3))
+    return TensorSpec(TILES_INPUT, TRITON_TILES_CONFIG_TYPE, (TILE_SIZE_PX, TILE_SIZE_PX, 3))
 
 
 def _embedding_output(embed_dim: int) -> TensorSpec:
-    return TensorSpec(EMBEDDING_OUTPUT, "TYPE_FP32", (embed_dim,))
+    return TensorSpec(EMBEDDING_OUTPUT, TRITON_EMBEDDING_CONFIG_TYPE, (embed_dim,))
 
 
 def _encoder_batching(

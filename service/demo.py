@@ -19,11 +19,9 @@ from pathlib import Path
 
 import httpx
 
-from xmag.errors import XmagError
-
-
-class DemoError(XmagError):
-    code = "demo_failed"
+from xmag.result_files import write_result_json
+from xmag.result_schema import ClassifyResult
+from xmag.service.errors import DemoError
 
 
 def free_loopback_port() -> int:
@@ -95,9 +93,8 @@ def classify_demo_slide(base_url: str, slide_path: Path, output_dir: Path, say: 
             path = output_dir / f"{stem}.{task}.{suffix}"
             path.write_bytes(fetched.content)
             written.append(path)
-    result_path = output_dir / f"{stem}.result.json"
-    result_path.write_text(json.dumps(answer, indent=1) + "\n")
-    written.append(result_path)
+    # The same schema `xmag classify` writes; validating it here keeps the two result files alike.
+    written.append(write_result_json(ClassifyResult.model_validate(answer), output_dir / f"{stem}.result.json"))
     return written
 
 

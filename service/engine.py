@@ -24,128 +24,22 @@ import dataclasses
 import logging
 import threading
 import time
-import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
-from xmag.service.errors import (
-    NotReadyError,
-    QueueFullError,
-    SlideCancelledError,
-    SlideTimeoutError,
-    UnknownTaskError,
-)
+from xmag.errors import XmagError
+from xmag.pipeline import SlideEvent, classify_slide
+from xmag.result_schema import ClassifyResult, HeatmapLinks, classify_result
+from xmag.runtimes.protocols import SlideHeadsRuntime, TileEncoderRuntime
+from xmag.service.errors import NotReadyError, QueueFullError, SlideTimeoutError, UnknownTaskError
 from xmag.service.guard import SlidePathGuard
+from xmag.service.jobs import EngineResult, EventListener, JobStopped, SlideJob
 from xmag.service.metrics import ServiceMetrics
+from xmag.service.model import ModelDescription
 from xmag.service.scheduler import BatchScheduler, ChunkCancelledError, ScheduledEncoder
 from xmag.service.settings import ServiceSettings
-from xmag.errors import XmagError
-from xmag.inference import SlideHeadsRuntime, TileEncoderRuntime, TritonEndpoint
-from xmag.model_repo import MANIFEST_FILE, ModelRepository, sha256_of
-from xmag.pipeline import SlideEvent, SlideResult, classify_slide
-from xmag.slide.tiling import TilingSpec
 
 log = logging.getLogger("xmag.engine")
-
-
-@dataclass(frozen=True)
-class ModelDescription:
-    """What a client is told about the model behind every answer."""
-
-    name: str
-    version: int
-    kind: Literal["trained", "untrained-demo", "checkpoint"]
-    manifest_sha256: str | None  # identifies the exported repository build
-    weights_sha256: str | None  # the source checkpoint the repository was exported from
-    notice: str  # non-empty for untrained demo weights
-    tasks: dict[str, list[str]]  # task -> class names
-    tile_size_px: int
-    target_mpp: float
-    encoder: str  # the runtime that runs it, e.g. "onnxruntime int8 (CPUExecutionProvider)"
-    backend_measurements: list[dict] = field(default_factory=list)  # what auto-selection measured at start
-
-    @classmethod
-    def of_repository(cls, repository: ModelRepository, encoder: str, measurements: list[dict]) -> ModelDescription:
-        from xmag.demo import DEMO_WEIGHTS_NOTICE
-
-        manifest = repository.manifest
-        kind = manifest.provenance.kind
-        return cls(
-            name=manifest.model_name,
-            version=manifest.model_version,
-            kind=kind,
-            manifest_sha256=sha256_of(repository.root / MANIFEST_FILE),
-            weights_sha256=manifest.provenance.source_sha256,
-            notice=DEMO_WEIGHTS_NOTICE if kind == "untrained-demo" else "",
-            tasks={task.name: list(task.class_names) for task in manifest.tasks},
-            tile_size_px=manifest.encoder.tile_size_px,
-            target_mpp=manifest.encoder.target_mpp,
-            encoder=encoder,
-            backend_measurements=measurements,
-        )
-
-    def caller_info(self) -> dict:
-        """What both faces tell a caller about the model (the fields of their ModelInfo schemas)."""
-        return {
-            "name": self.name,
-            "version": self.version,
-            "kind": self.kind,
-            "manifest_sha256": self.manifest_sha256,
-            "weights_sha256": self.weights_sha256,
-            "encoder": self.encoder,
-            "notice": self.notice,
-        }
-
-
-@dataclass(frozen=True)
-class EngineResult:
-    job_id: str
-    slide: SlideResult  # predictions already narrowed to the requested tasks
-    timings_s: dict[str, float]  # queue, open, tissue, read, encode, heads, total
-
-
-EventListener = Callable[[SlideEvent], None]
-
-
-class _Stop(Exception):
-    """Raised inside the pipeline of a job that was cancelled or ran out of time."""
-
-
-class SlideJob:
-    """One admitted slide. `future` resolves to an EngineResult or raises a typed error."""
-
-    def __init__(
-        self,
-        engine: Engine,
-        real_path: Path,
-        tasks: list[str],
-        fallback_mpp: float | None,
-        timeout_s: float,
-        on_event: EventListener | None,
-    ):
-        self.id = uuid.uuid4().hex
-        self.real_path = real_path
-        self.tasks = tasks
-        self.fallback_mpp = fallback_mpp
-        self.timeout_s = timeout_s
-        self.on_event = on_event
-        self.future: concurrent.futures.Future[EngineResult] = concurrent.futures.Future()
-        # Running from the start, so a waiter cancelling its own wait (asyncio.wrap_future does, when its
-        # task is cancelled) cannot cancel the job's future: only the engine settles it, through `cancel()`.
-        self.future.set_running_or_notify_cancel()
-        self.cancelled = threading.Event()  # set on cancel or timeout; the scheduler watches it
-        self.admitted_at = time.monotonic()
-        self.state: Literal["queued", "running", "done"] = "queued"
-        self.stop_reason: XmagError | None = None
-        self._engine = engine
-
-    def cancel(self) -> None:
-        """Stop the slide: released at once if queued; remaining tiles withdrawn if running."""
-        self._engine._stop(self, SlideCancelledError("the slide was cancelled by its caller"))
 
 
 class Engine:
@@ -163,7 +57,7 @@ class Engine:
         self.heads = heads
         self.model = model
         self.metrics = metrics or ServiceMetrics()
-        self.spec = TilingSpec(target_mpp=model.target_mpp, tile_size_px=model.tile_size_px)
+        self.spec = model.spec
         self.guard = SlidePathGuard(settings.slide_roots)
         # A TensorRT engine takes batches only up to its optimisation profile's maximum.
         max_batch_size = min(
@@ -193,62 +87,27 @@ class Engine:
         self.metrics.max_batch_size.set(max_batch_size)
         self.metrics.model.info(
             {
-                "name": model.name,
-                "version": str(model.version),
-                "kind": model.kind,
-                "encoder": model.encoder,
-                "manifest_sha256": model.manifest_sha256 or "",
+                "name": model.info.name,
+                "version": str(model.info.version),
+                "kind": model.info.kind,
+                "encoder": model.info.encoder,
+                "manifest_sha256": model.info.manifest_sha256 or "",
             }
         )
 
-    @classmethod
-    def from_settings(cls, settings: ServiceSettings, metrics: ServiceMetrics | None = None) -> Engine:
-        """Load and verify the model repository (the demo one by default) and choose the encoder backend."""
-        from xmag.inference import heads_from_repository, select_encoder_runtime
-        from xmag.model_repo import load_model_repository
-
-        if settings.model_repo is None:
-            from xmag.export.demo import DEMO_REPOSITORY, ensure_demo_repository
-
-            repository = load_model_repository(ensure_demo_repository(DEMO_REPOSITORY))
-        else:
-            repository = load_model_repository(settings.model_repo)
-        # A GPU is measured at a serving-size batch (small batches rank GPU backends unfairly); a CPU at 4
-        # tiles, which ranked the CPU backends as batch 16 does and keeps start-up to seconds.
-        import torch
-
-        probe_batch_size = min(64, settings.max_batch_size) if torch.cuda.is_available() else 4
-        triton = (
-            TritonEndpoint(
-                settings.triton_url, settings.triton_model, settings.triton_timeout_s, settings.triton_ready_timeout_s
-            )
-            if settings.encoder_backend == "triton"
-            else None
+    def describe(
+        self, result: EngineResult, *, return_attention: bool, heatmaps: dict[str, HeatmapLinks] | None = None
+    ) -> ClassifyResult:
+        """The answer both faces give for a finished slide (gRPC sends the same fields as protobuf)."""
+        return classify_result(
+            result.slide,
+            self.model.info,
+            self.spec,
+            result_id=result.job_id,
+            timings_s=result.timings_s,
+            return_attention=return_attention,
+            heatmaps=heatmaps,
         )
-        selection = select_encoder_runtime(
-            repository, settings.encoder_backend, settings.precision, probe_batch_size=probe_batch_size, triton=triton
-        )
-        measurements = [dataclasses.asdict(m) for m in selection.measurements]
-        model = ModelDescription.of_repository(repository, selection.runtime.description, measurements)
-        return cls(settings, selection.runtime, heads_from_repository(repository), model, metrics)
-
-    def caller_slide_facts(self, result: EngineResult) -> dict:
-        """What both faces tell a caller about the slide (the fields of their SlideFacts schemas)."""
-        facts = result.slide.facts
-        return {
-            "width_px": facts.width_px,
-            "height_px": facts.height_px,
-            "mpp": facts.mpp,
-            "base_magnification": facts.base_magnification,
-            "objective_power": facts.objective_power,
-            "vendor": facts.vendor,
-            "reader_backend": facts.reader_backend,
-            "read_level": facts.read_level,
-            "tile_count": facts.tile_count,
-            "tile_size_px": self.spec.tile_size_px,
-            "target_mpp": self.spec.target_mpp,
-            "tissue_area_mm2": facts.tissue_area_mm2,
-        }
 
     @property
     def ready(self) -> bool:
@@ -262,7 +121,7 @@ class Engine:
         self.heads.predict(features)
         self._ready = True
         self.metrics.ready.set(1)
-        log.info("ready: %s v%s on %s", self.model.name, self.model.version, self.model.encoder)
+        log.info("ready: %s v%s on %s", self.model.info.name, self.model.info.version, self.model.info.encoder)
 
     def submit(
         self,
@@ -293,7 +152,7 @@ class Engine:
         real_path = self.guard.resolve(slide_path)
         limit = self.settings.request_timeout_s
         job = SlideJob(
-            self,
+            self._stop,
             real_path,
             list(dict.fromkeys(tasks)) if tasks else list(self.model.tasks),
             fallback_mpp,
@@ -387,7 +246,7 @@ class Engine:
             slide = dataclasses.replace(slide, predictions={task: slide.predictions[task] for task in job.tasks})
             total_s = time.monotonic() - job.admitted_at
             outcome = EngineResult(job.id, slide, {"queue": queue_s, **slide.timings_s, "total": total_s})
-        except (_Stop, ChunkCancelledError):
+        except (JobStopped, ChunkCancelledError):
             outcome = job.stop_reason
         except XmagError as error:
             outcome = error
@@ -405,7 +264,7 @@ class Engine:
 
     def _on_event(self, job: SlideJob, event: SlideEvent) -> None:
         if job.cancelled.is_set():
-            raise _Stop()
+            raise JobStopped()
         if job.on_event is not None:
             try:
                 job.on_event(event)

@@ -3,7 +3,10 @@
 `STATUS_BY_ERROR` is the one place that decides the status of every typed
 error, for both faces: the HTTP status REST answers and the gRPC status code
 (by name, so this module needs no gRPC). The engine raises the errors and
-knows nothing of either protocol.
+knows nothing of either protocol. Every error of the core and of the service
+is listed (itself or a base class; tests/test_errors.py fails otherwise),
+except `CLIENT_SIDE_ERRORS`, which the service's own clients raise and no
+answer carries. docs/errors.md is generated from this table.
 """
 
 from __future__ import annotations
@@ -11,16 +14,22 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from xmag.errors import (
+    CheckpointError,
     CorruptSlideError,
     MissingResolutionError,
     NotASlideError,
     NoTissueError,
     RetryLaterError,
+    SlideError,
     SlideNotFoundError,
+    SlideReaderUnavailableError,
     TooManyTilesError,
     XmagError,
 )
-from xmag.inference import EncoderRemoteError
+from xmag.model_repo import ModelRepositoryError
+from xmag.runtimes.protocols import EncoderBackendUnavailableError
+from xmag.runtimes.tensorrt_backend import TensorRTEngineError, TensorRTUnavailableError
+from xmag.runtimes.triton_backend import EncoderRemoteError
 
 
 class SlidePathForbiddenError(XmagError):
@@ -72,6 +81,18 @@ class ResultNotFoundError(XmagError):
     code = "result_not_found"
 
 
+class DemoError(XmagError):
+    """The main job (`xmag demo`) could not start the service or classify the demo slide through it."""
+
+    code = "demo_failed"
+
+
+class LisClientError(XmagError):
+    """`xmag lis-client` could not stream a folder to the service (no slides, or the stream broke)."""
+
+    code = "lis_client_failed"
+
+
 class CallerStatus(NamedTuple):
     http: int
     grpc: str  # a grpc.StatusCode name
@@ -92,7 +113,17 @@ STATUS_BY_ERROR: dict[type[XmagError], CallerStatus] = {
     NotReadyError: CallerStatus(503, "UNAVAILABLE"),
     EncoderRemoteError: CallerStatus(503, "UNAVAILABLE"),  # the Triton server failed or went away; retry
     SlideTimeoutError: CallerStatus(504, "DEADLINE_EXCEEDED"),
+    SlideError: CallerStatus(422, "INVALID_ARGUMENT"),  # any other problem with the slide the caller sent
+    RetryLaterError: CallerStatus(503, "UNAVAILABLE"),
+    # The service cannot run its model here (its configuration, not the request): /readyz says so too.
+    SlideReaderUnavailableError: CallerStatus(503, "UNAVAILABLE"),
+    ModelRepositoryError: CallerStatus(503, "UNAVAILABLE"),
+    CheckpointError: CallerStatus(503, "UNAVAILABLE"),
+    EncoderBackendUnavailableError: CallerStatus(503, "UNAVAILABLE"),
+    TensorRTUnavailableError: CallerStatus(503, "UNAVAILABLE"),
+    TensorRTEngineError: CallerStatus(503, "UNAVAILABLE"),
 }
+CLIENT_SIDE_ERRORS: tuple[type[XmagError], ...] = (DemoError, LisClientError)
 INTERNAL = CallerStatus(500, "INTERNAL")
 
 

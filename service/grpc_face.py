@@ -21,14 +21,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from xmag.service.engine import Engine, EngineHolder, EngineResult, SlideJob
+from xmag.errors import RetryLaterError, XmagError
+from xmag.pipeline import SlideEvent
+from xmag.service.engine import Engine, EngineHolder
 from xmag.service.errors import INTERNAL, InvalidRequestError, status_of
 from xmag.service.grpc_api import classifier_pb2 as pb
 from xmag.service.grpc_api import classifier_pb2_grpc as pb_grpc
+from xmag.service.grpc_messages import model_message, result_message
+from xmag.service.jobs import EngineResult, SlideJob
 from xmag.service.metrics import ServiceMetrics
 from xmag.service.settings import ServiceSettings
-from xmag.errors import RetryLaterError, XmagError
-from xmag.pipeline import SlideEvent
 
 log = logging.getLogger("xmag.grpc")
 
@@ -55,32 +57,6 @@ def slide_error(error: BaseException) -> pb.SlideError:
     return pb.SlideError(grpc_code=status.value[0], grpc_status=status.name, code=code, message=message)
 
 
-def result_message(result: EngineResult, engine: Engine, return_attention: bool) -> pb.ClassifyResult:
-    """An engine result as the protobuf ClassifyResult (the REST answer's twin)."""
-    slide = result.slide
-    message = pb.ClassifyResult(
-        result_id=result.job_id,
-        slide=pb.SlideFacts(**engine.caller_slide_facts(result)),
-        model=model_message(engine),
-        timings_s=pb.StageTimings(**result.timings_s),
-    )
-    for task, prediction in slide.predictions.items():
-        entry = message.predictions[task]
-        entry.label = prediction.label
-        entry.probabilities.update(prediction.probabilities)
-        if return_attention:
-            entry.attention.extend(prediction.attention.tolist())
-    if return_attention:
-        message.tiles.tile_size_level0_px = slide.tile_size_level0_px
-        message.tiles.level0_xy.extend(slide.level0_coords.reshape(-1).tolist())
-    return message
-
-
-def model_message(engine: Engine) -> pb.ModelInfo:
-    # proto3 strings have no null: an unknown sha256 is sent as "".
-    return pb.ModelInfo(**{name: "" if value is None else value for name, value in engine.model.caller_info().items()})
-
-
 class SlideClassifierServicer(pb_grpc.SlideClassifierServicer):
     def __init__(self, holder: EngineHolder, metrics: ServiceMetrics, max_stream_slides: int):
         self.holder = holder
@@ -92,7 +68,7 @@ class SlideClassifierServicer(pb_grpc.SlideClassifierServicer):
             try:
                 engine, job = await self._submit(request, context)
                 result = await _wait(job)
-                return result_message(result, engine, request.return_attention)
+                return result_message(engine.describe(result, return_attention=request.return_attention))
             except XmagError as error:
                 await self._abort(context, error, outcome)
             except asyncio.CancelledError:
@@ -124,7 +100,9 @@ class SlideClassifierServicer(pb_grpc.SlideClassifierServicer):
                     yield _progress(next_event.result())
                 while not events.empty():
                     yield _progress(events.get_nowait())
-                yield pb.ClassifyEvent(result=result_message(finished.result(), engine, request.return_attention))
+                yield pb.ClassifyEvent(
+                    result=result_message(engine.describe(finished.result(), return_attention=request.return_attention))
+                )
             except XmagError as error:
                 await self._abort(context, error, outcome)
             except asyncio.CancelledError:
@@ -159,7 +137,9 @@ class SlideClassifierServicer(pb_grpc.SlideClassifierServicer):
                     answers.put_nowait(
                         pb.ClassifyManyResponse(
                             correlation_id=correlation_id,
-                            result=result_message(result, engine, item.request.return_attention),
+                            result=result_message(
+                                engine.describe(result, return_attention=item.request.return_attention)
+                            ),
                         )
                     )
                 except asyncio.CancelledError:
@@ -206,7 +186,7 @@ class SlideClassifierServicer(pb_grpc.SlideClassifierServicer):
             except XmagError as error:
                 await self._abort(context, error, outcome)
             return pb.ListModelsResponse(
-                model=model_message(engine),
+                model=model_message(engine.model.info),
                 tasks=[pb.TaskInfo(name=name, class_names=classes) for name, classes in engine.model.tasks.items()],
                 tile_size_px=engine.spec.tile_size_px,
                 target_mpp=engine.spec.target_mpp,

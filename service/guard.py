@@ -12,8 +12,8 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from xmag.service.errors import InvalidRequestError, SlidePathForbiddenError
 from xmag.errors import SlideNotFoundError
+from xmag.service.errors import InvalidRequestError, SlidePathForbiddenError
 
 
 class SlidePathGuard:

@@ -19,17 +19,14 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
+from xmag.service.errors import LisClientError
 from xmag.service.grpc_api import classifier_pb2 as pb
 from xmag.service.grpc_api import classifier_pb2_grpc as pb_grpc
-from xmag.errors import XmagError
+from xmag.service.grpc_messages import result_document
 
 # Formats OpenSlide reads; other files in the folder are left alone.
 SLIDE_SUFFIXES = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif"})
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-class LisClientError(XmagError):
-    code = "lis_client_failed"
 
 
 @dataclass
@@ -98,8 +95,13 @@ def classify_folder(
         try:
             for answer in stub.ClassifyMany(requests(), metadata=metadata, wait_for_ready=False):
                 relative = Path(answer.correlation_id)
-                document = json_format.MessageToDict(answer, preserving_proto_field_name=True)
-                document["status"] = "ok" if answer.HasField("result") else "error"
+                # A classified slide's "result" is the slide result schema, as REST answers and `xmag classify` writes.
+                document: dict = {"correlation_id": answer.correlation_id}
+                if answer.HasField("result"):
+                    document |= {"status": "ok", "result": result_document(answer.result).model_dump(mode="json")}
+                else:
+                    error = json_format.MessageToDict(answer.error, preserving_proto_field_name=True)
+                    document |= {"status": "error", "error": error}
                 summary.written.append(_write_whole(output_dir / result_file_name(relative), document))
                 (summary.classified if answer.HasField("result") else summary.failed).append(answer.correlation_id)
                 if on_answer is not None:

@@ -13,6 +13,7 @@ import hmac
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,14 +21,19 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from xmag import __version__
+from xmag.errors import RetryLaterError, XmagError
+from xmag.model_repo import MANIFEST_FILE
+from xmag.result_schema import HeatmapLinks
 from xmag.service import schemas
-from xmag.service.engine import Engine, EngineHolder, EngineResult
+from xmag.service.engine import Engine, EngineHolder
 from xmag.service.errors import INTERNAL, status_of
+from xmag.service.jobs import EngineResult
+from xmag.service.loading import load_engine
 from xmag.service.metrics import ServiceMetrics
 from xmag.service.results import ResultStore
 from xmag.service.settings import ServiceSettings
-from xmag import __version__
-from xmag.errors import RetryLaterError, XmagError
+from xmag.slide.reader import require_reader_backend
 
 log = logging.getLogger("xmag.rest")
 
@@ -56,7 +62,7 @@ def error_response(error: BaseException) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def create_app(settings: ServiceSettings, engine_factory: EngineFactory = Engine.from_settings) -> FastAPI:
+def create_app(settings: ServiceSettings, engine_factory: EngineFactory = load_engine) -> FastAPI:
     """The REST application; the engine is built by `engine_factory` on a background thread at start-up."""
     metrics = ServiceMetrics()
     holder = EngineHolder()
@@ -161,7 +167,9 @@ def create_app(settings: ServiceSettings, engine_factory: EngineFactory = Engine
         """Ready: the model is loaded, verified and warmed up, and the service is not shutting down."""
         engine = holder.engine
         if engine is not None and engine.ready:
-            return schemas.HealthResponse(status="ready", detail=f"{engine.model.name} v{engine.model.version}")
+            return schemas.HealthResponse(
+                status="ready", detail=f"{engine.model.info.name} v{engine.model.info.version}"
+            )
         detail = (
             f"model failed to load: {holder.failure}"
             if holder.failure
@@ -190,10 +198,10 @@ def create_app(settings: ServiceSettings, engine_factory: EngineFactory = Engine
         """The model being served: tasks and their classes, provenance, and how the encoder backend was chosen."""
         model = holder.require().model
         return schemas.ModelsResponse(
-            model=_model_info(model),
+            model=model.info,
             tasks=[schemas.TaskInfo(name=name, class_names=classes) for name, classes in model.tasks.items()],
-            tile_size_px=model.tile_size_px,
-            target_mpp=model.target_mpp,
+            tile_size_px=model.spec.tile_size_px,
+            target_mpp=model.spec.target_mpp,
             backend_measurements=[schemas.BackendMeasurement(**m) for m in model.backend_measurements],
         )
 
@@ -279,38 +287,47 @@ class _RequestCounter:
             self.metrics.requests.labels("rest", endpoint, str(status)).inc()
 
 
-def _model_info(model) -> schemas.ModelInfo:
-    return schemas.ModelInfo(**model.caller_info())
-
-
 def _classify_response(result: EngineResult, engine: Engine, body: schemas.ClassifyRequest, base_url: str):
-    slide = result.slide
-    tasks = list(slide.predictions)
-    attention = None
-    if body.return_attention:
-        attention = schemas.Attention(
-            tile_size_level0_px=slide.tile_size_level0_px,
-            level0_coords=[tuple(xy) for xy in slide.level0_coords.tolist()],
-            weights={task: slide.predictions[task].attention.tolist() for task in tasks},
-        )
     heatmaps = None
     if body.heatmap:
         heatmaps = {
-            task: schemas.HeatmapLinks(
+            task: HeatmapLinks(
                 png_url=f"{base_url}/v1/results/{result.job_id}/heatmaps/{task}.png",
                 geojson_url=f"{base_url}/v1/results/{result.job_id}/attention/{task}.geojson",
             )
-            for task in tasks
+            for task in result.slide.predictions
         }
-    return schemas.ClassifyResponse(
-        result_id=result.job_id,
-        slide=schemas.SlideFacts(**engine.caller_slide_facts(result)),
-        model=_model_info(engine.model),
-        predictions={
-            task: schemas.TaskPrediction(label=p.label, probabilities=p.probabilities)
-            for task, p in slide.predictions.items()
-        },
-        attention=attention,
-        heatmaps=heatmaps,
-        timings_s=schemas.StageTimings(**result.timings_s),
+    return engine.describe(result, return_attention=body.return_attention, heatmaps=heatmaps)
+
+
+def run_service(
+    app: FastAPI, settings: ServiceSettings, say: Callable[[str], None], require_manifest: bool = True
+) -> None:
+    """Check what can be checked before start (slide roots, reader backend, repository), then serve until SIGTERM.
+
+    Each check raises a clear error instead of a service whose every answer
+    would fail; a repository that is there but damaged is reported by /readyz.
+    """
+    import uvicorn
+
+    missing = [str(root) for root in settings.slide_roots if not root.is_dir()]
+    if missing:
+        raise ValueError(f"slide root(s) {missing} do not exist or are not directories")
+    require_reader_backend(settings.reader_backend)
+    if require_manifest and not (Path(settings.model_repo or "") / MANIFEST_FILE).is_file():
+        raise ValueError(
+            f"{settings.model_repo} is not a model repository (no {MANIFEST_FILE}); build one with `xmag export`"
+        )
+    grpc_note = f", gRPC on {settings.host}:{settings.grpc_port}" if settings.grpc else ""
+    say(
+        f"serving REST on http://{settings.host}:{settings.port}{grpc_note} (slide roots: "
+        f"{', '.join(map(str, settings.slide_roots))}; API keys: {'required' if settings.api_keys else 'none'}); "
+        "GET /readyz turns 200 once the model is warm"
+    )
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.request_timeout_s),
     )

@@ -13,9 +13,9 @@ import threading
 
 import numpy as np
 
-from xmag.service.engine import EngineResult
-from xmag.service.errors import ResultNotFoundError
 from xmag.heatmap import attention_geojson, render_attention_heatmap
+from xmag.service.errors import ResultNotFoundError
+from xmag.service.jobs import EngineResult
 
 
 class ResultStore:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from xmag.inference import TileEncoderRuntime
+from xmag.runtimes.protocols import TileEncoderRuntime
 
 
 class SchedulerStoppedError(RuntimeError):

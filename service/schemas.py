@@ -1,10 +1,18 @@
-"""The REST API's schema: pydantic models for requests, responses and errors (OpenAPI comes from these)."""
+"""The REST API's schema: pydantic models for requests, responses and errors (OpenAPI comes from these).
+
+The slide result itself is `xmag.result_schema.ClassifyResult`, shared with gRPC and the result files.
+"""
 
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from xmag.result_schema import ClassifyResult, ModelInfo
+
+# The answer of POST /v1/classify is the one slide result schema of the core, also written as result files.
+ClassifyResponse = ClassifyResult
 
 
 class _Schema(BaseModel):
@@ -35,69 +43,6 @@ class ClassifyRequest(_Schema):
     timeout_s: float | None = Field(
         None, gt=0, le=86_400, description="Give up after this many seconds (capped by the server's own limit)."
     )
-
-
-class SlideFacts(_Schema):
-    width_px: int
-    height_px: int
-    mpp: float = Field(description="Microns per level-0 pixel used for tiling.")
-    base_magnification: float
-    objective_power: float | None
-    vendor: str
-    reader_backend: str
-    read_level: int = Field(description="Pyramid level the tiles were read from.")
-    tile_count: int
-    tile_size_px: int = Field(description="Tile side in pixels as the encoder sees it.")
-    target_mpp: float = Field(description="Microns per pixel of the tiles (2.0 = 5x).")
-    tissue_area_mm2: float
-
-
-class ModelInfo(_Schema):
-    name: str
-    version: int
-    kind: Literal["trained", "untrained-demo", "checkpoint"] = Field(
-        description="'untrained-demo': random weights; the predictions are meaningless."
-    )
-    manifest_sha256: str | None = Field(description="sha256 of the model repository's manifest.json.")
-    weights_sha256: str | None = Field(description="sha256 of the checkpoint the repository was exported from.")
-    encoder: str = Field(description="The runtime that encodes tiles, e.g. 'onnxruntime int8 (CPUExecutionProvider)'.")
-    notice: str = Field(description="Non-empty when the weights are untrained demo weights.")
-
-
-class TaskPrediction(_Schema):
-    label: str
-    probabilities: dict[str, float] = Field(description="Probability of every class, by class name.")
-
-
-class Attention(_Schema):
-    tile_size_level0_px: int = Field(description="Tile side in level-0 pixels.")
-    level0_coords: list[tuple[int, int]] = Field(description="Top-left (x, y) of each tile in level-0 pixels.")
-    weights: dict[str, list[float]] = Field(description="Per task, one weight per tile (summing to 1), in tile order.")
-
-
-class HeatmapLinks(_Schema):
-    png_url: str = Field(description="Attention overlaid on the slide thumbnail (GET, image/png).")
-    geojson_url: str = Field(description="Tiles with their attention as QuPath detections (GET, application/geo+json).")
-
-
-class StageTimings(_Schema):
-    queue: float
-    open: float
-    tissue: float
-    read: float = Field(description="Time the encoder waited for tiles (reading not hidden behind encoding).")
-    encode: float = Field(description="Time in encoder batches, shared with other slides' tiles.")
-    heads: float
-    total: float
-
-
-class ClassifyResponse(_Schema):
-    result_id: str
-    slide: SlideFacts
-    model: ModelInfo
-    predictions: dict[str, TaskPrediction]
-    attention: Attention | None = None
-    heatmaps: dict[str, HeatmapLinks] | None = None
-    timings_s: StageTimings
 
 
 class ErrorDetail(_Schema):

@@ -13,30 +13,40 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from xmag.vocabulary import EncoderBackend, EncoderPrecision, ReaderBackend
+
 DEMO_SLIDE_ROOT = Path("out/demo")
 
 
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="XMAG_", extra="forbid", frozen=True)
 
-    model_repo: Path | None = Field(None, description="Verified model repository; default: the demo repository.")
+    model_repo: Path | None = Field(
+        None, description="Verified model repository; default: the demo repository, which `xmag serve` builds once."
+    )
     # Comma-separated in the environment: XMAG_SLIDE_ROOTS=/slides,/archive
     slide_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=lambda: [DEMO_SLIDE_ROOT],
         description="Directories slides may be read from; a relative slide_path is taken relative to the first.",
     )
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="Address to listen on; 0.0.0.0 for every interface (then set api_keys).")
+    port: int = Field(8000, ge=0, le=65535, description="REST port (0: any free port).")
     grpc: bool = Field(True, description="Serve the gRPC API beside REST.")
-    grpc_port: int = Field(50051, ge=0, le=65535)
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: any free port).")
     grpc_max_receive_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest gRPC request message.")
     grpc_max_send_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest gRPC response (attention of ~20,000 tiles is ~0.5 MB)."
     )
 
-    reader_backend: Literal["openslide", "cucim"] = "openslide"
-    encoder_backend: Literal["auto", "torch", "onnxruntime", "tensorrt", "triton"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
+    reader_backend: ReaderBackend = Field(
+        "openslide", description="Slide reader: openslide, or cucim (faster per core); checked at start."
+    )
+    encoder_backend: EncoderBackend = Field(
+        "auto", description="auto (the fastest correct one, measured at start), torch, onnxruntime, tensorrt or triton."
+    )
+    precision: EncoderPrecision = Field(
+        "auto", description="auto, fp32, bf16, fp16 or int8 (narrows the backends measured)."
+    )
     # Where encoder_backend "triton" sends tiles: many replicas can share a pool of Triton GPUs.
     triton_url: str | None = Field(None, description="host:port of a Triton Inference Server's gRPC endpoint.")
     triton_model: str | None = Field(
@@ -61,8 +71,14 @@ class ServiceSettings(BaseSettings):
     result_cache_size: int = Field(32, ge=0, le=10_000, description="Recent results whose heatmaps can be fetched.")
 
     # Comma-separated in the environment: XMAG_API_KEYS=key1,key2. Empty: no authentication.
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        repr=False,
+        description="Keys a caller must send as 'Authorization: Bearer <key>', at least 16 characters each.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="debug, info, warning or error."
+    )
 
     @field_validator("slide_roots", "api_keys", mode="before")
     @classmethod

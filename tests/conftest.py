@@ -7,7 +7,7 @@ import os
 import pytest
 
 from xmag.slide.reader import cucim_available
-from xmag.slide.synthetic import make_synthetic_slide
+from xmag.synthetic.slide import make_synthetic_slide
 
 # The same glass scanned at 20x and at 40x: 4.8 x 3.6 mm, one planted lesion.
 GLASS_WIDTH_UM = 4_800

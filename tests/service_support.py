@@ -15,18 +15,19 @@ import torch
 import uvicorn
 
 from xmag.export.repository import export_model_repository
-from xmag.service.engine import Engine, ModelDescription
-from xmag.service.rest import create_app
-from xmag.service.settings import ServiceSettings
-from xmag.inference import heads_from_repository, select_encoder_runtime
 from xmag.model_repo import load_model_repository
 from xmag.models.abmil import GatedABMIL, SlideHeads
-from xmag.models.checkpoints import save_encoder_checkpoint
+from xmag.models.checkpoints.xmag_format import save_encoder_checkpoint
 from xmag.models.encoder import TileEncoder, build_tile_encoder
+from xmag.runtimes.selection import heads_from_repository, select_encoder_runtime
+from xmag.service.engine import Engine
+from xmag.service.model import ModelDescription
+from xmag.service.rest import create_app
+from xmag.service.settings import ServiceSettings
 from xmag.slide.reader import open_slide
-from xmag.slide.synthetic import SyntheticSlide, make_synthetic_slide
 from xmag.slide.tiling import XMAG_5X, TileGrid, iter_tile_batches, plan_tile_grid
 from xmag.slide.tissue import tissue_mask_for_slide
+from xmag.synthetic.slide import SyntheticSlide, make_synthetic_slide
 
 LESION_TASK = "lesion"
 LESION_CLASSES = ["normal", "lesion"]

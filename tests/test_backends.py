@@ -15,26 +15,25 @@ import numpy as np
 import pytest
 import torch
 
-from xmag.export.repository import ExportOptions, export_model_repository
 from xmag.errors import XmagError
-from xmag.inference import (
+from xmag.export.repository import ExportOptions, export_model_repository
+from xmag.model_repo import ModelRepositoryError, load_model_repository, sha256_of
+from xmag.models.abmil import SlideHeads
+from xmag.models.checkpoints.xmag_format import load_xmag_checkpoint, save_encoder_checkpoint
+from xmag.models.encoder import build_tile_encoder
+from xmag.runtimes.onnxruntime_backend import OnnxSlideHeads
+from xmag.runtimes.protocols import EncoderBackendUnavailableError
+from xmag.runtimes.selection import (
     MIN_BACKEND_COSINE,
-    EncoderBackendUnavailableError,
-    OnnxSlideHeads,
-    TensorRTTileEncoder,
-    TorchTileEncoder,
     heads_from_repository,
     runtimes_from_repository,
     select_encoder_runtime,
 )
-from xmag.model_repo import ModelRepositoryError, load_model_repository, sha256_of
-from xmag.models.abmil import SlideHeads
-from xmag.models.checkpoints import load_xmag_checkpoint, save_encoder_checkpoint
-from xmag.models.encoder import build_tile_encoder
+from xmag.runtimes.tensorrt_backend import TensorRTBatchSizeError, TensorRTTileEncoder, TensorRTUnavailableError
+from xmag.runtimes.torch_backend import TorchTileEncoder
 from xmag.slide.reader import open_slide, resolve_mpp
 from xmag.slide.tiling import XMAG_5X, iter_tile_batches, plan_tile_grid
 from xmag.slide.tissue import tissue_mask_for_slide
-from xmag.tensorrt_runtime import TensorRTBatchSizeError, TensorRTUnavailableError
 
 MODEL = "tiny_dinov2"
 CUDA = torch.cuda.is_available()

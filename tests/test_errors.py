@@ -17,15 +17,15 @@ from xmag.errors import (
     SlideNotFoundError,
     SlideReaderUnavailableError,
 )
-from xmag.inference import TorchSlideHeads, TorchTileEncoder
 from xmag.models.abmil import SlideHeads
 from xmag.models.encoder import build_tile_encoder
 from xmag.pipeline import classify_slide
+from xmag.runtimes.torch_backend import TorchSlideHeads, TorchTileEncoder
 from xmag.slide import reader as reader_module
 from xmag.slide.reader import open_slide, resolve_mpp
-from xmag.slide.synthetic import make_synthetic_slide
 from xmag.slide.tiling import XMAG_5X, iter_tile_batches, plan_tile_grid
 from xmag.slide.tissue import tissue_mask_for_slide
+from xmag.synthetic.slide import make_synthetic_slide
 
 
 @pytest.fixture(scope="module")

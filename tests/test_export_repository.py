@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 
@@ -15,22 +14,17 @@ from _reference import key_list, load_fixture
 from xmag.export import onnx_export
 from xmag.export.import_weights import import_weights
 from xmag.export.repository import ExportOptions, export_model_repository
-from xmag.inference import runtimes_from_repository
-from xmag.model_repo import (
-    Hardware,
-    ModelRepositoryError,
-    choose_encoder_artifact,
-    load_model_repository,
-)
+from xmag.model_repo import ModelRepositoryError, load_model_repository
 from xmag.models.abmil import SlideHeads
-from xmag.models.checkpoints import (
+from xmag.models.checkpoints.xmag_format import (
     load_encoder_checkpoint,
     load_slide_heads,
-    read_checkpoint_metadata,
+    load_xmag_checkpoint,
     save_encoder_checkpoint,
 )
 from xmag.models.encoder import build_tile_encoder
 from xmag.models.vit import get_vit_config
+from xmag.runtimes.selection import runtimes_from_repository
 
 
 def _checkpoint(path, seed=0, provenance="untrained-demo"):
@@ -201,53 +195,13 @@ def test_interrupted_export_leaves_the_old_repository(exported, tmp_path, monkey
 def test_tensorrt_export_refuses_before_any_work_without_tensorrt(exported, tmp_path):
     import importlib.util
 
-    from xmag.export.tensorrt_build import TensorRTUnavailableError
+    from xmag.runtimes.tensorrt_backend import TensorRTUnavailableError
 
     if importlib.util.find_spec("tensorrt"):
         pytest.skip("TensorRT is installed: the refusal cannot be shown here")
     with pytest.raises(TensorRTUnavailableError, match="TensorRT cannot be imported"):
         export_model_repository(exported[0] / "tiny.safetensors", tmp_path / "repo", ExportOptions(tensorrt=True))
     assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.parametrize(
-    "hardware, expected",
-    [
-        (Hardware(None, None, ("CPUExecutionProvider",)), ("tiny_dinov2_int8", "onnxruntime")),
-        (Hardware("9.0", None, ("CUDAExecutionProvider", "CPUExecutionProvider")), ("tiny_dinov2", "onnxruntime")),
-        (Hardware(None, None, ()), ("tiny_dinov2_torch", "torch")),
-    ],
-    ids=["cpu", "cuda", "no-onnxruntime"],
-)
-def test_artifact_choice_follows_the_hardware(exported, hardware, expected):
-    repository = load_model_repository(exported[0] / "repo")
-    choice = choose_encoder_artifact(repository, hardware)
-    assert (choice.artifact.name if choice.artifact else None, choice.runtime) == expected
-
-
-def test_a_tensorrt_plan_for_this_gpu_comes_first(exported):
-    repository = load_model_repository(exported[0] / "repo")
-    onnx_encoder = repository.manifest.artifact("tiny_dinov2")
-    plan = onnx_encoder.model_copy(
-        update={
-            "name": "tiny_dinov2_trt",
-            "runtime": "tensorrt",
-            "precision": "fp16",
-            "compute_capability": "9.0",
-            "tensorrt_version": "10.8.0",
-        }
-    )
-    with_plan = dataclasses.replace(
-        repository,
-        manifest=repository.manifest.model_copy(update={"artifacts": [*repository.manifest.artifacts, plan]}),
-    )
-    providers = ("CUDAExecutionProvider", "CPUExecutionProvider")
-    assert choose_encoder_artifact(with_plan, Hardware("9.0", "10.8.0", providers)).runtime == "tensorrt"
-    # tensorrt.__version__ carries a build number (10.8.0.43) that engine names and manifests leave out.
-    assert choose_encoder_artifact(with_plan, Hardware("9.0", "10.8.0.43", providers)).runtime == "tensorrt"
-    # Another GPU generation or TensorRT version cannot load the plan: onnxruntime on CUDA instead.
-    assert choose_encoder_artifact(with_plan, Hardware("8.0", "10.8.0", providers)).artifact.name == "tiny_dinov2"
-    assert choose_encoder_artifact(with_plan, Hardware("9.0", "10.9.0", providers)).artifact.name == "tiny_dinov2"
 
 
 def _random_state_dict(entries, seed=0):
@@ -257,11 +211,12 @@ def _random_state_dict(entries, seed=0):
 
 def _assert_imported(output, source, expected_format, used_format, architecture):
     assert used_format == expected_format
-    metadata = read_checkpoint_metadata(output)
+    checkpoint = load_xmag_checkpoint(output)
+    metadata = checkpoint.metadata
     assert metadata["source_format"] == expected_format
     assert metadata["source_checkpoint"] == source.name
     assert len(metadata["source_sha256"]) == 64
-    assert load_encoder_checkpoint(output).config == get_vit_config(architecture)
+    assert checkpoint.vit.config == get_vit_config(architecture)
 
 
 @pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "state_dict-wrapped"])

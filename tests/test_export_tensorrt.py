@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import xmag.export.tensorrt_build as tensorrt_build
+from xmag.errors import XmagError
 from xmag.export.tensorrt_build import (
-    TensorRTUnavailableError,
     build_tensorrt_engine,
     check_engine_parity,
     compare_embeddings,
@@ -23,7 +23,7 @@ from xmag.export.tensorrt_build import (
     parse_engine_filename,
     require_tensorrt,
 )
-from xmag.errors import XmagError
+from xmag.runtimes.tensorrt_backend import TensorRTUnavailableError
 
 # Public functions that work without TensorRT; every other one needs it.
 PURE_FUNCTIONS = {"engine_filename", "parse_engine_filename", "compare_embeddings"}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xmag.inference import TorchSlideHeads
 from xmag.models import GatedABMIL, SlideHeads
+from xmag.runtimes.torch_backend import TorchSlideHeads
 
 
 def features(num_tiles: int = 50, dim: int = 768, seed: int = 0) -> torch.Tensor:

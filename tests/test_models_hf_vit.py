@@ -8,7 +8,8 @@ import pytest
 import torch
 import transformers
 
-from xmag.models.checkpoints import detect_checkpoint_format, load_vit_weights
+from xmag.models.checkpoints.fitting import load_vit_weights
+from xmag.models.checkpoints.reading import detect_checkpoint_format
 from xmag.models.vit import VisionTransformer, get_vit_config
 
 # transformers 5 names -> the transformers 4 names Phikon's published file uses.

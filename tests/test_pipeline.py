@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +16,13 @@ from typer.testing import CliRunner
 from xmag.cli import app
 from xmag.errors import CorruptSlideError, TooManyTilesError
 from xmag.heatmap import render_attention_heatmap
-from xmag.inference import TorchSlideHeads, TorchTileEncoder
+from xmag.model_repo import sha256_of
 from xmag.models.abmil import SlideHeads
-from xmag.models.checkpoints import save_encoder_checkpoint
+from xmag.models.checkpoints.xmag_format import save_encoder_checkpoint
 from xmag.models.encoder import build_tile_encoder
 from xmag.pipeline import classify_slide
+from xmag.result_schema import ClassifyResult
+from xmag.runtimes.torch_backend import TorchSlideHeads, TorchTileEncoder
 from xmag.slide.reader import open_slide
 from xmag.slide.tiling import XMAG_5X, TilingSpec, iter_tile_batches, plan_tile_grid
 
@@ -136,8 +139,12 @@ def test_cli_classify_with_an_xmag_checkpoint(tmp_path, slide_20x):
     )
     assert result.exit_code == 0, result.output
     assert "UNTRAINED DEMO HEADS" in result.output
-    saved = json.loads((tmp_path / "out" / "glass_20x.result.json").read_text())
-    assert saved["model"]["kind"] == "checkpoint"
-    assert len(saved["model"]["source_sha256"]) == 64
+    # The result file is the one slide result schema that REST answers and the service's result files use.
+    saved = ClassifyResult.model_validate_json((tmp_path / "out" / "glass_20x.result.json").read_text())
+    assert saved.model.kind == "checkpoint" and saved.model.weights_sha256 == sha256_of(checkpoint)
+    assert saved.attention is not None and len(saved.attention.level0_coords) == saved.slide.tile_count
     heatmap = Image.open(tmp_path / "out" / "glass_20x.demo_lesion.heatmap.png")
     assert heatmap.size[0] > 100
+    assert saved.heatmaps is not None
+    geojson = json.loads(Path(saved.heatmaps["demo_lesion"].geojson_url.removeprefix("file://")).read_text())
+    assert len(geojson["features"]) == saved.slide.tile_count

@@ -18,10 +18,10 @@ from service_support import LESION_TASK, held_service_app, metric_value, running
 from test_errors import damage_tiles
 from typer.testing import CliRunner
 
+from xmag.cli import app as cli_app
 from xmag.service.grpc_api import classifier_pb2 as pb
 from xmag.service.grpc_api import classifier_pb2_grpc as pb_grpc
 from xmag.service.rest import create_app
-from xmag.cli import app as cli_app
 
 API_KEY = "grpc-test-key-0123456789"
 REPO_ROOT = Path(__file__).resolve().parent.parent

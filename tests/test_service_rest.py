@@ -28,11 +28,11 @@ from service_support import (
 )
 from test_errors import damage_tiles
 
-from xmag.service.engine import Engine
+from xmag.model_repo import load_model_repository
+from xmag.service.loading import load_engine
 from xmag.service.rest import create_app
 from xmag.service.settings import ServiceSettings
-from xmag.model_repo import load_model_repository
-from xmag.slide.synthetic import make_synthetic_slide
+from xmag.synthetic.slide import make_synthetic_slide
 
 API_KEY = "test-key-0123456789abcdef"
 
@@ -350,7 +350,7 @@ def test_not_ready_while_loading_is_503_with_retry_after(lesion_model):
 
     def slow_factory(settings, metrics):
         release.wait(timeout=60)
-        return Engine.from_settings(settings, metrics)
+        return load_engine(settings, metrics)
 
     settings = service_settings(model_repo=repository.root, slide_roots=[lesion_model.slides_dir])
     with running_service(create_app(settings, slow_factory), wait_ready=False) as base_url:

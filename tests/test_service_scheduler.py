@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from xmag.service.scheduler import BatchScheduler, ChunkCancelledError, SchedulerStoppedError
-from xmag.inference import TorchTileEncoder
 from xmag.models.encoder import build_tile_encoder
+from xmag.runtimes.torch_backend import TorchTileEncoder
+from xmag.service.scheduler import BatchScheduler, ChunkCancelledError, SchedulerStoppedError
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from xmag.slide.synthetic import MASK_UM_PER_PX, SyntheticSlide, make_synthetic_slide
+from xmag.synthetic.scene import MASK_UM_PER_PX
+from xmag.synthetic.slide import SyntheticSlide, make_synthetic_slide
 
 # 4000 x 3000 px at 20x is 2 x 1.5 mm of glass; the 40x twin is 8000 x 6000 px of the same glass.
 SLIDE_20X = dict(width_px=4000, height_px=3000, base_magnification=20, seed=7, n_lesions=2)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from xmag.slide.reader import open_slide, resolve_mpp
-from xmag.slide.synthetic import make_synthetic_slide
 from xmag.slide.tiling import XMAG_5X, TilingSpec, iter_tile_batches, plan_tile_grid, resize_tile
 from xmag.slide.tissue import tissue_mask_for_slide
+from xmag.synthetic.slide import make_synthetic_slide
 
 TWENTY_X_224 = TilingSpec(target_mpp=0.5, tile_size_px=224)
 

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from xmag.slide.reader import open_slide, resolve_mpp
-from xmag.slide.synthetic import make_synthetic_slide
 from xmag.slide.tissue import detect_tissue, otsu_threshold, tissue_mask_for_slide
+from xmag.synthetic.slide import make_synthetic_slide
 
 
 def _ground_truth(slide, shape) -> np.ndarray:

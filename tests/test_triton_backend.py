@@ -27,24 +27,20 @@ from triton_support import (
 )
 from typer.testing import CliRunner
 
+from xmag.contract import TRITON_EMBEDDING_DATATYPE, TRITON_TILES_DATATYPE
 from xmag.export import triton_config
 from xmag.export.repository import ExportOptions, export_model_repository
-from xmag.service.demo import free_loopback_port
-from xmag.service.engine import Engine
-from xmag.service.errors import CallerStatus, status_of
-from xmag.service.rest import create_app
-from xmag.inference import (
-    MIN_BACKEND_COSINE,
-    TRITON_EMBEDDING_DATATYPE,
-    TRITON_TILES_DATATYPE,
-    EncoderBackendUnavailableError,
-    EncoderRemoteError,
-    OnnxTileEncoder,
-    TritonTileEncoder,
-)
 from xmag.model_repo import load_model_repository
-from xmag.models.checkpoints import save_encoder_checkpoint
+from xmag.models.checkpoints.xmag_format import save_encoder_checkpoint
 from xmag.models.encoder import build_tile_encoder
+from xmag.runtimes.onnxruntime_backend import OnnxTileEncoder
+from xmag.runtimes.protocols import EncoderBackendUnavailableError
+from xmag.runtimes.selection import MIN_BACKEND_COSINE
+from xmag.runtimes.triton_backend import EncoderRemoteError, TritonTileEncoder
+from xmag.service.demo import free_loopback_port
+from xmag.service.errors import CallerStatus, status_of
+from xmag.service.loading import load_engine
+from xmag.service.rest import create_app
 from xmag.slide.reader import open_slide, resolve_mpp
 from xmag.slide.tiling import XMAG_5X, iter_tile_batches, plan_tile_grid
 from xmag.slide.tissue import tissue_mask_for_slide
@@ -245,7 +241,7 @@ def test_a_triton_serving_another_encoder_is_refused_at_start(triton, lesion_mod
         triton_model=OTHER_ENCODER,
     )
     with pytest.raises(EncoderBackendUnavailableError) as refused:
-        Engine.from_settings(settings)
+        load_engine(settings)
     message = str(refused.value)
     assert f"triton unknown ({OTHER_ENCODER} at {triton.url}): cosine " in message
     assert f"< {MIN_BACKEND_COSINE}: the server's model is not this repository's encoder" in message
@@ -293,7 +289,7 @@ def test_an_unreachable_triton_fails_within_its_deadline_saying_where(lesion_mod
         EncoderBackendUnavailableError,
         match=f"no Triton Inference Server answered at {url} within 1 s",
     ):
-        Engine.from_settings(settings)
+        load_engine(settings)
     assert time.monotonic() - started < 3
 
 

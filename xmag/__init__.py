@@ -1,6 +1,8 @@
-"""XMAG core: models, checkpoints, slide reading, tissue detection and tiling.
+"""XMAG core: models, checkpoints, slides (readers, tissue, tiling), runtimes and their choice, the
+pipeline, the model repository's manifest, synthetic slides, the slide result schema and errors.
 
-Imported by training/, export/ and service/; imports none of them.
+The faces (xmag.cli, xmag.service, xmag.export, xmag.training, xmag.benchmarks) import the core;
+the core imports none of them (import-linter's contracts in pyproject.toml keep it so).
 """
 
 __version__ = "0.1.0"

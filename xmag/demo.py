@@ -13,7 +13,7 @@ import torch
 
 from xmag.models.abmil import GatedABMIL, SlideHeads
 from xmag.models.encoder import TileEncoder, build_tile_encoder
-from xmag.slide.synthetic import SyntheticSlide, make_synthetic_slide
+from xmag.synthetic.slide import SyntheticSlide, make_synthetic_slide
 
 DEMO_WEIGHTS_NOTICE = (
     "UNTRAINED DEMO WEIGHTS: the encoder and heads are randomly initialised (fixed seeds); "

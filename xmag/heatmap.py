@@ -1,9 +1,9 @@
-"""Attention heatmaps: per-tile weights drawn over the slide thumbnail."""
+"""Pictures of a slide: attention heatmaps over its thumbnail, their GeoJSON, and the planned tile grid."""
 
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 # Anchor colours of a dark-to-bright ramp (close to matplotlib's "inferno"),
 # interpolated linearly; kept here so the core needs no plotting library.
@@ -85,3 +85,24 @@ def attention_geojson(level0_coords: np.ndarray, tile_size_level0_px: int, atten
             }
         )
     return {"type": "FeatureCollection", "features": features}
+
+
+def render_tile_grid(
+    thumbnail_rgb: np.ndarray,
+    tissue_mask: np.ndarray,
+    level0_px_per_mask_px: float,
+    level0_coords: np.ndarray,
+    tile_size_level0_px: int,
+) -> Image.Image:
+    """The thumbnail with the tissue mask tinted green and each planned tile outlined in blue (`xmag tiles --preview`)."""
+    canvas = thumbnail_rgb.copy()
+    canvas[tissue_mask] = (0.6 * canvas[tissue_mask] + 0.4 * np.array([0, 160, 0])).astype(np.uint8)
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    scale = level0_px_per_mask_px
+    for x, y in np.asarray(level0_coords).reshape(-1, 2):
+        draw.rectangle(
+            [x / scale, y / scale, (x + tile_size_level0_px) / scale - 1, (y + tile_size_level0_px) / scale - 1],
+            outline=(0, 0, 255),
+        )
+    return image

@@ -1,4 +1,4 @@
-"""The model repository's manifest: its schema, its verification, and the choice of artifact.
+"""The model repository's manifest: its schema and its verification.
 
 `export/` writes a repository in NVIDIA Triton's layout plus `manifest.json`
 and the encoder's torch weights (a safetensors file at the repository root,
@@ -7,11 +7,8 @@ service calls `load_model_repository` before it serves anything. Loading
 checks every file against its sha256 and refuses a repository that lacks a
 file, has a changed one, or whose manifest describes another model.
 
-`choose_encoder_artifact` names the artifact that would run without measuring
-anything, by a fixed order: a TensorRT plan for this GPU > ONNX on
-onnxruntime's TensorRT or CUDA providers > ONNX on the CPU (int8 if its parity
-passed) > the torch weights. The runtime itself is chosen by measuring
-(`xmag.inference.select_encoder_runtime`).
+Which of its encoder artifacts runs is chosen by measuring
+(`xmag.runtimes.selection.select_encoder_runtime`).
 """
 
 from __future__ import annotations
@@ -24,6 +21,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from xmag.contract import EMBEDDING_OUTPUT, TILES_INPUT, TILES_LAYOUT
 from xmag.errors import XmagError
 
 MANIFEST_FILE = "manifest.json"
@@ -32,6 +30,8 @@ MANIFEST_SCHEMA_VERSION = 1
 
 class ModelRepositoryError(XmagError):
     """A model repository is missing, incomplete, changed, or not the model asked for."""
+
+    code = "model_repository_error"
 
 
 class _Strict(BaseModel):
@@ -75,9 +75,9 @@ class EncoderSpec(_Strict):
     embed_dim: int
     tile_size_px: int
     target_mpp: float
-    input_name: str = "tiles"
-    input_layout: str = "uint8 RGB NHWC"
-    output_name: str = "embedding"
+    input_name: str = TILES_INPUT
+    input_layout: str = TILES_LAYOUT
+    output_name: str = EMBEDDING_OUTPUT
     normalisation: dict[str, list[float]]  # {"mean": [...], "std": [...]} on the 0..1 scale, inside the graph
 
 
@@ -193,88 +193,3 @@ def _verify_file(root: Path, record: FileRecord) -> None:
             f"{record.path} in {root} does not match its manifest (size {size} vs {record.size_bytes} bytes, "
             "or its sha256 differs): the file was changed or belongs to another export. Rebuild the repository."
         )
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """What the runtime can use; `detect_hardware` fills it in."""
-
-    cuda_compute_capability: str | None  # e.g. "9.0"; None without a CUDA GPU
-    tensorrt_version: str | None
-    onnxruntime_providers: tuple[str, ...]
-
-
-def detect_hardware() -> Hardware:
-    """Probe the GPU, TensorRT and onnxruntime's providers without failing where any is absent."""
-    compute_capability = None
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability()
-            compute_capability = f"{major}.{minor}"
-    except ImportError:
-        pass
-    try:
-        import tensorrt
-
-        tensorrt_version = tensorrt.__version__
-    except ImportError:
-        tensorrt_version = None
-    try:
-        import onnxruntime
-
-        providers = tuple(onnxruntime.get_available_providers())
-    except ImportError:
-        providers = ()
-    return Hardware(compute_capability, tensorrt_version, providers)
-
-
-def plan_runs_on(plan: Artifact, hardware: Hardware) -> bool:
-    """Whether a TensorRT plan loads on `hardware`: the GPU's compute capability and the TensorRT
-    release (X.Y.Z; the build number of tensorrt.__version__ is left out, as in engine file names)
-    must be the ones that built it."""
-    return (
-        plan.runtime == "tensorrt"
-        and hardware.cuda_compute_capability is not None
-        and hardware.cuda_compute_capability == plan.compute_capability
-        and hardware.tensorrt_version is not None
-        and plan.tensorrt_version is not None
-        and hardware.tensorrt_version.split(".")[:3] == plan.tensorrt_version.split(".")[:3]
-    )
-
-
-def onnxruntime_gpu_providers(hardware: Hardware) -> tuple[str, ...]:
-    """onnxruntime's GPU execution providers present on `hardware`, in preference order; () without a GPU."""
-    if hardware.cuda_compute_capability is None:
-        return ()
-    return tuple(
-        p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in hardware.onnxruntime_providers
-    )
-
-
-@dataclass(frozen=True)
-class EncoderChoice:
-    # The torch choice's artifact is the repository's torch weights; None only for a repository
-    # exported before they were added, which torch can run only from the source checkpoint.
-    artifact: Artifact | None
-    runtime: Literal["tensorrt", "onnxruntime", "torch"]
-    providers: tuple[str, ...] = ()  # onnxruntime execution providers, in preference order
-
-
-def choose_encoder_artifact(repository: ModelRepository, hardware: Hardware) -> EncoderChoice:
-    """The best usable encoder artifact for `hardware` by the fixed order of the module docstring."""
-    encoders = [a for a in repository.manifest.artifacts if a.role == "encoder" and a.usable]
-    for artifact in encoders:
-        if plan_runs_on(artifact, hardware):
-            return EncoderChoice(artifact, "tensorrt")
-    onnx_fp32 = [a for a in encoders if a.runtime == "onnxruntime" and a.precision == "fp32"]
-    gpu_providers = onnxruntime_gpu_providers(hardware)
-    if onnx_fp32 and gpu_providers:
-        return EncoderChoice(onnx_fp32[0], "onnxruntime", (*gpu_providers, "CPUExecutionProvider"))
-    if "CPUExecutionProvider" in hardware.onnxruntime_providers:
-        onnx_cpu = [a for a in encoders if a.runtime == "onnxruntime" and a.precision == "int8"] + onnx_fp32
-        if onnx_cpu:
-            return EncoderChoice(onnx_cpu[0], "onnxruntime", ("CPUExecutionProvider",))
-    torch_weights = [a for a in encoders if a.runtime == "torch"]
-    return EncoderChoice(torch_weights[0] if torch_weights else None, "torch")

@@ -20,10 +20,11 @@ from typing import Literal
 import numpy as np
 
 from xmag.errors import NoTissueError, TooManyTilesError
-from xmag.inference import SlideHeadsRuntime, TaskOutput, TileEncoderRuntime
-from xmag.slide.reader import BackendName, open_slide, resolve_mpp
+from xmag.runtimes.protocols import SlideHeadsRuntime, TaskOutput, TileEncoderRuntime
+from xmag.slide.reader import open_slide, resolve_mpp
 from xmag.slide.tiling import XMAG_5X, TileGrid, TilingSpec, iter_tile_batches, plan_tile_grid
 from xmag.slide.tissue import DEFAULT_THUMBNAIL_UM_PER_PX, TissueMask, tissue_mask_for_slide
+from xmag.vocabulary import ReaderBackend
 
 Stage = Literal["opened", "planned", "encoded", "heads_done"]
 
@@ -119,7 +120,7 @@ def classify_slide(
     heads: SlideHeadsRuntime,
     *,
     spec: TilingSpec = XMAG_5X,
-    backend: BackendName = "openslide",
+    backend: ReaderBackend = "openslide",
     batch_size: int = 32,
     num_workers: int = 2,
     fallback_mpp: float | None = None,

@@ -1,22 +1,21 @@
 """Model definitions (ViT encoders, ABMIL slide heads) and checkpoint loading."""
 
 from xmag.models.abmil import GatedABMIL, SlideHeads
-from xmag.models.checkpoints import (
-    CHECKPOINT_FORMATS,
-    XmagCheckpoint,
+from xmag.models.checkpoints.conversion import (
     convert_dinov2_hub,
     convert_timm,
     convert_xmag,
     convert_xmag_release,
-    detect_checkpoint_format,
+    resample_dinov2_pos_embed,
+)
+from xmag.models.checkpoints.fitting import load_vit_weights
+from xmag.models.checkpoints.reading import CHECKPOINT_FORMATS, detect_checkpoint_format, read_state_dict
+from xmag.models.checkpoints.xmag_format import (
+    XmagCheckpoint,
     is_xmag_checkpoint,
     load_encoder_checkpoint,
     load_slide_heads,
-    load_vit_weights,
     load_xmag_checkpoint,
-    read_checkpoint_metadata,
-    read_state_dict,
-    resample_dinov2_pos_embed,
     save_encoder_checkpoint,
 )
 from xmag.models.encoder import (
@@ -50,7 +49,6 @@ __all__ = [
     "load_slide_heads",
     "load_vit_weights",
     "load_xmag_checkpoint",
-    "read_checkpoint_metadata",
     "read_state_dict",
     "resample_dinov2_pos_embed",
     "save_encoder_checkpoint",

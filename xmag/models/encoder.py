@@ -28,6 +28,10 @@ class TileEncoder(nn.Module):
     (non-persistent buffers), so they follow `.to(device)` but are not saved.
     """
 
+    # The buffers registered in __init__; torch's stubs type module attributes as `Tensor | Module`.
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
+
     def __init__(self, vit: VisionTransformer):
         super().__init__()
         self.vit = vit
@@ -73,7 +77,7 @@ def build_tile_encoder(config_name: str, seed: int | None = None) -> TileEncoder
 
     With a seed the weights are the same on every call and the global random
     state is left untouched. Load real weights with
-    `checkpoints.load_vit_weights(encoder.vit, ...)`.
+    `checkpoints.fitting.load_vit_weights(encoder.vit, ...)`.
     """
     config = get_vit_config(config_name)
     if seed is None:

@@ -4,12 +4,12 @@ The same class builds the XMAG student (DINOv2 ViT-B/14), the UNI2-h teacher
 (ViT-H/14 with registers and a packed SwiGLU MLP) and Phikon (ViT-B/16). The
 parameter names are exactly those of the official checkpoints (DINOv2 and
 timm spell them the same, apart from the register tokens), so a checkpoint
-loads by name after the small conversions in `checkpoints.py`.
+loads by name after the small conversions in `checkpoints/conversion.py`.
 
 The model works at one fixed input size (`img_size_px`, 224 by default): the
 position embedding is stored for that grid and never resized at run time, so
 an exported graph holds it as a constant. Checkpoints stored for another grid
-are resampled once, at load time (`checkpoints.resample_dinov2_pos_embed`).
+are resampled once, at load time (`checkpoints.conversion.resample_dinov2_pos_embed`).
 
 Forward pass, top to bottom:
 
@@ -272,7 +272,7 @@ class VisionTransformer(nn.Module):
     """ViT encoder with the official DINOv2 / timm parameter names; see the module docstring.
 
     The registers are `reg_token` (timm's name; DINOv2 files call them
-    `register_tokens`, which `checkpoints.convert_dinov2_hub` renames). There
+    `register_tokens`, which `checkpoints.conversion.convert_dinov2_hub` renames). There
     is no `mask_token`: it only serves masked-image training.
     """
 
@@ -282,7 +282,7 @@ class VisionTransformer(nn.Module):
         width = config.embed_dim
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         if config.num_register_tokens > 0:
-            self.reg_token = nn.Parameter(torch.zeros(1, config.num_register_tokens, width))
+            self.reg_token: nn.Parameter | None = nn.Parameter(torch.zeros(1, config.num_register_tokens, width))
         else:
             self.reg_token = None
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_pos_embed_tokens, width))

@@ -1,1 +1,1 @@
-"""Slide reading, tissue detection, tiling and synthetic slides."""
+"""Slide reading, tissue detection and tiling (synthetic slides are in `xmag.synthetic`)."""

@@ -24,7 +24,7 @@ project's 2-core machine, single reads on two threads were about as fast
 from __future__ import annotations
 
 import numpy as np
-from cucim import CuImage
+from cucim import CuImage  # type: ignore[attr-defined]  # cucim's __init__.pyi leaves CuImage out of __all__
 
 from xmag.errors import CorruptSlideError, NotASlideError, XmagError
 from xmag.slide.openslide_reader import OpenSlideReader
@@ -72,7 +72,7 @@ class CuCIMReader(SlideReader):
         self._info = SlideInfo(
             backend=self.backend_name,
             vendor=vendor,
-            level_dimensions=tuple(tuple(int(v) for v in dims) for dims in resolutions["level_dimensions"]),
+            level_dimensions=tuple((int(width), int(height)) for width, height in resolutions["level_dimensions"]),
             level_downsamples=tuple(float(d) for d in resolutions["level_downsamples"]),
             mpp=_positive_float(aperio.get("MPP")) or _tiff_resolution_mpp(metadata.get("tiff", {})),
             objective_power=_positive_float(aperio.get("AppMag")),

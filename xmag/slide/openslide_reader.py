@@ -60,7 +60,7 @@ class OpenSlideReader(SlideReader):
         self._info = SlideInfo(
             backend=self.backend_name,
             vendor=vendor,
-            level_dimensions=tuple(tuple(int(v) for v in dims) for dims in self._slide.level_dimensions),
+            level_dimensions=tuple((int(width), int(height)) for width, height in self._slide.level_dimensions),
             level_downsamples=tuple(float(d) for d in self._slide.level_downsamples),
             mpp=_float_property(properties, openslide.PROPERTY_NAME_MPP_X),
             objective_power=_float_property(properties, openslide.PROPERTY_NAME_OBJECTIVE_POWER),

@@ -21,7 +21,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import tifffile
@@ -33,9 +32,7 @@ from xmag.errors import (
     SlideNotFoundError,
     SlideReaderUnavailableError,
 )
-
-BackendName = Literal["openslide", "cucim"]
-BACKENDS: tuple[str, ...] = ("openslide", "cucim")
+from xmag.vocabulary import READER_BACKENDS, ReaderBackend
 
 # Magic numbers of the TIFF family (classic and BigTIFF, both byte orders).
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -164,6 +161,15 @@ def cucim_available() -> bool:
     return importlib.util.find_spec("cucim") is not None
 
 
+def require_reader_backend(backend: str) -> None:
+    """SlideReaderUnavailableError unless `backend` can open slides here (the service checks at start)."""
+    if backend == "cucim" and not cucim_available():
+        raise SlideReaderUnavailableError(
+            "The cuCIM backend was requested but cuCIM is not installed. "
+            "Install it (pip install --no-deps cucim-cu12, see README) or use backend 'openslide'."
+        )
+
+
 def _check_path(path: str | os.PathLike) -> str:
     slide_path = os.fspath(path)
     if not os.path.exists(slide_path):
@@ -235,7 +241,7 @@ def _check_jpeg_tiles(filehandle, page, corrupt) -> None:
             raise corrupt(f"tile {tile_index} of directory {page.index} is not JPEG data (zeroed or overwritten)")
 
 
-def open_slide(path: str | os.PathLike, backend: BackendName = "openslide", num_workers: int = 2) -> SlideReader:
+def open_slide(path: str | os.PathLike, backend: ReaderBackend = "openslide", num_workers: int = 2) -> SlideReader:
     """Open a slide with the requested backend (OpenSlide by default; see the module docstring)."""
     slide_path = _check_path(path)
     if _is_tiff(slide_path):
@@ -246,12 +252,8 @@ def open_slide(path: str | os.PathLike, backend: BackendName = "openslide", num_
     if backend == "openslide":
         return OpenSlideReader(slide_path, num_workers)
     if backend == "cucim":
-        if not cucim_available():
-            raise SlideReaderUnavailableError(
-                "The cuCIM backend was requested but cuCIM is not installed. "
-                "Install it (pip install --no-deps cucim-cu12, see README) or use backend 'openslide'."
-            )
+        require_reader_backend(backend)
         from xmag.slide.cucim_reader import CuCIMReader
 
         return CuCIMReader(slide_path, num_workers)
-    raise ValueError(f"Unknown slide backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+    raise ValueError(f"Unknown slide backend {backend!r}; choose one of {', '.join(READER_BACKENDS)}.")

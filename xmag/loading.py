@@ -1,0 +1,89 @@
+"""A model ready to classify in-process: its encoder and heads runtimes, and the ModelInfo that describes them.
+
+`xmag classify` loads either a verified model repository (the encoder backend
+chosen by measuring, as the service does) or a checkpoint run in torch. The
+service's engine describes its repository with `repository_model_info` too, so
+every answer names its model the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from xmag.demo import DEMO_HEADS_NOTICE, DEMO_WEIGHTS_NOTICE, demo_heads
+from xmag.model_repo import MANIFEST_FILE, ModelRepository, load_model_repository, sha256_of
+from xmag.models.checkpoints.xmag_format import is_xmag_checkpoint, load_encoder, load_xmag_checkpoint
+from xmag.models.encoder import TileEncoder
+from xmag.result_schema import ModelInfo
+from xmag.runtimes.protocols import SlideHeadsRuntime, TileEncoderRuntime
+from xmag.runtimes.selection import runtimes_from_repository
+from xmag.runtimes.torch_backend import TorchSlideHeads, TorchTileEncoder
+from xmag.slide.tiling import XMAG_5X, TilingSpec
+from xmag.vocabulary import TorchPrecision
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    encoder: TileEncoderRuntime
+    heads: SlideHeadsRuntime
+    info: ModelInfo
+    spec: TilingSpec  # the tiling the encoder was trained for
+
+
+def repository_model_info(repository: ModelRepository, encoder_description: str) -> ModelInfo:
+    """What callers are told about a repository's model, run by the named encoder runtime."""
+    manifest = repository.manifest
+    kind = manifest.provenance.kind
+    return ModelInfo(
+        name=manifest.model_name,
+        version=manifest.model_version,
+        kind=kind,
+        manifest_sha256=sha256_of(repository.root / MANIFEST_FILE),
+        weights_sha256=manifest.provenance.source_sha256,
+        encoder=encoder_description,
+        notice=DEMO_WEIGHTS_NOTICE if kind == "untrained-demo" else "",
+    )
+
+
+def repository_tiling(repository: ModelRepository) -> TilingSpec:
+    """The tiling a repository's encoder takes (its tile size at its resolution)."""
+    encoder = repository.manifest.encoder
+    return TilingSpec(target_mpp=encoder.target_mpp, tile_size_px=encoder.tile_size_px)
+
+
+def load_repository_model(model_repo: Path) -> LoadedModel:
+    """A verified repository's heads and the fastest correct encoder backend on this machine."""
+    repository = load_model_repository(model_repo)
+    encoder, heads = runtimes_from_repository(repository)
+    return LoadedModel(
+        encoder, heads, repository_model_info(repository, encoder.description), repository_tiling(repository)
+    )
+
+
+def load_checkpoint_model(
+    weights: Path, weights_format: str = "auto", encoder_config: str = "xmag_vitb14", precision: TorchPrecision = "fp32"
+) -> LoadedModel:
+    """A checkpoint run in torch on the CPU: its encoder, and its heads where it stores any.
+
+    Without stored heads an untrained demo head stands in, and the ModelInfo's
+    notice says its predictions are meaningless.
+    """
+    if weights_format in ("auto", "xmag") and is_xmag_checkpoint(weights):
+        checkpoint = load_xmag_checkpoint(weights)  # encoder and heads from one read
+        vit, stored_heads = checkpoint.vit, checkpoint.heads
+    else:
+        vit, stored_heads = load_encoder(weights, weights_format, encoder_config), None
+    encoder = TorchTileEncoder(TileEncoder(vit), precision)
+    heads = TorchSlideHeads(stored_heads if stored_heads is not None else demo_heads(encoder.embed_dim))
+    info = ModelInfo(
+        name=weights.name,
+        version=0,
+        kind="checkpoint",
+        manifest_sha256=None,
+        weights_sha256=sha256_of(weights),
+        encoder=encoder.description,
+        notice="" if stored_heads is not None else DEMO_HEADS_NOTICE,
+    )
+    # A checkpoint states no tiling; it runs at the student's, 5x and 224 px, as classify_slide does by default.
+    return LoadedModel(encoder, heads, info, XMAG_5X)
