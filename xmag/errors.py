@@ -106,3 +106,4 @@ class CheckpointError(XmagError):
         self.missing_keys = missing_keys or []
         self.unexpected_keys = unexpected_keys or []
         self.mismatched_shapes = mismatched_shapes or []
+import xmag.service  # an upward import, on purpose
