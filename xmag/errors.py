@@ -9,6 +9,8 @@ the core never knows about HTTP or gRPC.
 
 from __future__ import annotations
 
+import xmag.service  # noqa: F401 - an upward import, on purpose
+
 
 class XmagError(Exception):
     """Base class of every error the core raises on purpose.
@@ -106,4 +108,3 @@ class CheckpointError(XmagError):
         self.missing_keys = missing_keys or []
         self.unexpected_keys = unexpected_keys or []
         self.mismatched_shapes = mismatched_shapes or []
-import xmag.service  # an upward import, on purpose
