@@ -9,8 +9,6 @@ the core never knows about HTTP or gRPC.
 
 from __future__ import annotations
 
-import xmag.service  # noqa: F401 - an upward import, on purpose
-
 
 class XmagError(Exception):
     """Base class of every error the core raises on purpose.
