@@ -239,6 +239,11 @@ class BenchRun:
     max_tiles: int | None
 
 
+def require_plotting() -> None:
+    """ModuleNotFoundError now, rather than after minutes of measuring, if matplotlib (the [bench] extra) is absent."""
+    import matplotlib  # noqa: F401 - imported for the check; report.py plots with it
+
+
 def tile_limits(gpu: bool, quick: bool, overrides: list[str]) -> dict[str, int | None]:
     """Tiles encoded per slide for each configuration (None: every tile); `overrides` are NAME=N or NAME=all.
 
@@ -287,6 +292,7 @@ def run_benchmark(
 
     `model_repo` is the exported repository the xmag configuration measures (the product path).
     """
+    require_plotting()
     results = []
     for run in runs:
         config = CONFIGS[run.config]

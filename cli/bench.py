@@ -36,9 +36,10 @@ def bench(
 
     import torch
 
-    from xmag.benchmarks.harness import plan_runs, run_benchmark, tile_limits
+    from xmag.benchmarks.harness import plan_runs, require_plotting, run_benchmark, tile_limits
     from xmag.benchmarks.slides import ensure_benchmark_slides
 
+    require_plotting()
     names = [name.strip() for name in configs.split(",") if name.strip()]
     gpu = torch.cuda.is_available()
     limits = tile_limits(gpu, quick, max_tiles or [])
