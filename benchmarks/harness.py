@@ -1,6 +1,6 @@
 """The benchmark harness: whole-pipeline slides per minute for XMAG, UNI2-h, Phikon and a naive reference.
 
-Each configuration runs in its own child process (`python -m benchmarks.harness
+Each configuration runs in its own child process (`python -m xmag.benchmarks.harness
 CONFIG ...`), so its peak memory is its own and one configuration's threads and
 caches do not warm up the next. A configuration runs every slide through the
 pipeline the service runs (`xmag.pipeline.classify_slide`: open, tissue, tile,

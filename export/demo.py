@@ -9,7 +9,7 @@ from xmag.export.repository import ExportOptions, export_model_repository
 from xmag.model_repo import MANIFEST_FILE
 from xmag.models.checkpoints.xmag_format import save_encoder_checkpoint
 
-# Built on first use (about 430 MB; ignored by git), not committed.
+# Built on first use (about 740 MiB; ignored by git), not committed.
 DEMO_REPOSITORY = Path("model_repo/demo")
 
 

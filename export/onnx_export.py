@@ -13,6 +13,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxscript  # noqa: F401 - torch's exporter needs it; imported here so a missing [export] extra shows at once
 import torch
 from torch import nn
 
@@ -81,8 +83,6 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: st
             external_data=False,
             verbose=False,
         )
-    import onnx
-
     onnx.checker.check_model(str(path), full_check=True)
 
 

@@ -45,6 +45,8 @@ class InvalidRequestError(XmagError):
 
 
 class UnknownTaskError(InvalidRequestError):
+    """A requested task is not one of the model's (GET /v1/models lists them)."""
+
     code = "unknown_task"
 
 

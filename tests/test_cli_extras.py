@@ -52,6 +52,8 @@ def test_classify_with_weights_runs_without_any_face_library(slide_20x, tiny_che
         (["grpc"], ["lis-client", "."], "serve"),
         (["onnx", "onnxscript"], ["export", "CHECKPOINT", "--repo", "REPO"], "export"),
         (["matplotlib"], ["bench", "--quick", "--out", "REPO"], "bench"),
+        # Without a repository, serve builds the demo one, which takes the export stage.
+        (["onnx", "onnxscript"], ["serve", "--slide-root", "."], "export"),
     ],
 )
 def test_a_command_without_its_extra_names_the_extra(absent, arguments, extra, tiny_checkpoint, tmp_path):

@@ -317,6 +317,11 @@ def _reference_runtime(factory: _RuntimeFactory) -> TileEncoderRuntime:
     return factory.onnx(onnx_fp32, ("CPUExecutionProvider",))
 
 
+def _not_run(candidate: _Candidate, why: str) -> BackendMeasurement:
+    """The measurement of a candidate that could not be built or run here, and why."""
+    return BackendMeasurement(candidate.description, candidate.backend, candidate.precision, None, None, False, why)
+
+
 def select_encoder_runtime(
     repository: ModelRepository,
     backend: EncoderBackend = "auto",
@@ -373,17 +378,7 @@ def select_encoder_runtime(
     best_index, best_tiles_per_s = -1, 0.0
     for candidate in candidates:
         if candidate.build is None:
-            measurements.append(
-                BackendMeasurement(
-                    candidate.description,
-                    candidate.backend,
-                    candidate.precision,
-                    None,
-                    None,
-                    False,
-                    candidate.unavailable,
-                )
-            )
+            measurements.append(_not_run(candidate, candidate.unavailable))
             continue
         try:
             runtime = candidate.build()
@@ -391,17 +386,7 @@ def select_encoder_runtime(
         except Exception as error:  # a backend that fails on this machine must not stop the others
             if candidate.backend == "triton":
                 raise  # the only candidate; its error names the server and the model, and says what is wrong
-            measurements.append(
-                BackendMeasurement(
-                    candidate.description,
-                    candidate.backend,
-                    candidate.precision,
-                    None,
-                    None,
-                    False,
-                    f"failed: {type(error).__name__}: {error}",
-                )
-            )
+            measurements.append(_not_run(candidate, f"failed: {type(error).__name__}: {error}"))
             continue
         # Written so that a NaN cosine (non-finite embeddings) is rejected too.
         correct = cosine >= MIN_BACKEND_COSINE
