@@ -26,6 +26,7 @@ from xmag.errors import (
     TooManyTilesError,
     XmagError,
 )
+from xmag.features import FeatureFileError
 from xmag.model_repo import ModelRepositoryError
 from xmag.runtimes.protocols import EncoderBackendUnavailableError
 from xmag.runtimes.tensorrt_backend import TensorRTEngineError, TensorRTUnavailableError
@@ -124,6 +125,8 @@ STATUS_BY_ERROR: dict[type[XmagError], CallerStatus] = {
     EncoderBackendUnavailableError: CallerStatus(503, "UNAVAILABLE"),
     TensorRTUnavailableError: CallerStatus(503, "UNAVAILABLE"),
     TensorRTEngineError: CallerStatus(503, "UNAVAILABLE"),
+    # Feature files are the service's own (its embedding cache ignores and rewrites a bad one); reaching a caller is a bug.
+    FeatureFileError: CallerStatus(500, "INTERNAL"),
 }
 CLIENT_SIDE_ERRORS: tuple[type[XmagError], ...] = (DemoError, LisClientError)
 INTERNAL = CallerStatus(500, "INTERNAL")

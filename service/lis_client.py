@@ -23,9 +23,9 @@ from xmag.service.errors import LisClientError
 from xmag.service.grpc_api import classifier_pb2 as pb
 from xmag.service.grpc_api import classifier_pb2_grpc as pb_grpc
 from xmag.service.grpc_messages import result_document
+from xmag.slide.listing import SLIDE_SUFFIXES, find_slide_files
 
 # Formats OpenSlide reads; other files in the folder are left alone.
-SLIDE_SUFFIXES = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif"})
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
@@ -38,13 +38,10 @@ class StreamSummary:
 
 def find_slides(folder: Path) -> list[Path]:
     """Slide files under `folder` (recursively), sorted, as paths relative to it."""
-    if not folder.is_dir():
-        raise LisClientError(f"{folder} is not a directory")
-    return sorted(
-        path.relative_to(folder)
-        for path in folder.rglob("*")
-        if path.is_file() and path.suffix.lower() in SLIDE_SUFFIXES
-    )
+    try:
+        return find_slide_files(folder)
+    except NotADirectoryError as error:
+        raise LisClientError(str(error)) from None
 
 
 def result_file_name(relative_path: Path) -> str:

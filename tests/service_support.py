@@ -19,14 +19,13 @@ from xmag.model_repo import load_model_repository
 from xmag.models.abmil import GatedABMIL, SlideHeads
 from xmag.models.checkpoints.xmag_format import save_encoder_checkpoint
 from xmag.models.encoder import TileEncoder, build_tile_encoder
+from xmag.pipeline import embed_slide
 from xmag.runtimes.selection import heads_from_repository, select_encoder_runtime
+from xmag.runtimes.torch_backend import TorchTileEncoder
 from xmag.service.engine import Engine
 from xmag.service.model import ModelDescription
 from xmag.service.rest import create_app
 from xmag.service.settings import ServiceSettings
-from xmag.slide.reader import open_slide
-from xmag.slide.tiling import XMAG_5X, TileGrid, iter_tile_batches, plan_tile_grid
-from xmag.slide.tissue import tissue_mask_for_slide
 from xmag.synthetic.slide import SyntheticSlide, make_synthetic_slide
 
 LESION_TASK = "lesion"
@@ -109,14 +108,9 @@ def tile_lesion_fractions(slide: SyntheticSlide, level0_coords: np.ndarray, tile
 
 
 def _features_and_lesion_fractions(slide: SyntheticSlide, encoder: TileEncoder) -> tuple[np.ndarray, np.ndarray]:
-    with open_slide(slide.path) as reader:
-        tissue, _ = tissue_mask_for_slide(reader, slide.mpp)
-        grid: TileGrid = plan_tile_grid(reader.info, slide.mpp, tissue, XMAG_5X)
-        with torch.inference_mode():
-            features = np.concatenate(
-                [encoder(torch.from_numpy(tiles)).numpy() for tiles, _ in iter_tile_batches(reader, grid, 32)]
-            )
-    return features, tile_lesion_fractions(slide, grid.level0_coords, grid.tile_size_level0_px)
+    # The one embedding path, as the service and `xmag extract` run it.
+    embedded = embed_slide(str(slide.path), TorchTileEncoder(encoder))
+    return embedded.embeddings, tile_lesion_fractions(slide, embedded.level0_coords, embedded.tile_size_level0_px)
 
 
 def train_lesion_head(training: list[tuple[np.ndarray, np.ndarray]], embed_dim: int, seed: int = 0) -> GatedABMIL:

@@ -14,7 +14,7 @@ import pytest
 from cli_support import xmag_without
 
 from xmag.errors import XmagError
-from xmag.service.errors import CLIENT_SIDE_ERRORS, INTERNAL, STATUS_BY_ERROR, status_of
+from xmag.service.errors import CLIENT_SIDE_ERRORS, STATUS_BY_ERROR
 
 # Errors of these faces are raised by tools run by hand, never in answer to a service call.
 NOT_SERVING_FACES = ("xmag.export", "xmag.benchmarks", "xmag.training", "xmag.cli")
@@ -59,8 +59,8 @@ def test_codes_are_unique():
     ids=lambda cls: cls.__name__,
 )
 def test_every_error_a_service_can_raise_has_a_status(error):
-    instance = error.__new__(error)  # the status depends on the class only
-    assert status_of(instance) != INTERNAL, f"{error.__name__} is not in service/errors.py's STATUS_BY_ERROR"
+    listed = [cls for cls in error.__mro__ if cls in STATUS_BY_ERROR]
+    assert listed, f"{error.__name__} is not in service/errors.py's STATUS_BY_ERROR (itself or a base class)"
 
 
 def test_the_status_table_lists_only_typed_errors():

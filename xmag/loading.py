@@ -19,8 +19,8 @@ from xmag.result_schema import ModelInfo
 from xmag.runtimes.protocols import SlideHeadsRuntime, TileEncoderRuntime
 from xmag.runtimes.selection import runtimes_from_repository
 from xmag.runtimes.torch_backend import TorchSlideHeads, TorchTileEncoder
-from xmag.slide.tiling import XMAG_5X, TilingSpec
-from xmag.vocabulary import TorchPrecision
+from xmag.slide.tiling import PHIKON_20X, UNI2H_20X, XMAG_5X, TilingSpec
+from xmag.vocabulary import EncoderBackend, EncoderPrecision, TorchPrecision
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,12 @@ def repository_tiling(repository: ModelRepository) -> TilingSpec:
     return TilingSpec(target_mpp=encoder.target_mpp, tile_size_px=encoder.tile_size_px)
 
 
-def load_repository_model(model_repo: Path) -> LoadedModel:
-    """A verified repository's heads and the fastest correct encoder backend on this machine."""
+def load_repository_model(
+    model_repo: Path, backend: EncoderBackend = "auto", precision: EncoderPrecision = "auto"
+) -> LoadedModel:
+    """A verified repository's heads and the fastest correct encoder backend on this machine (or the one asked for)."""
     repository = load_model_repository(model_repo)
-    encoder, heads = runtimes_from_repository(repository)
+    encoder, heads = runtimes_from_repository(repository, backend, precision)
     return LoadedModel(
         encoder, heads, repository_model_info(repository, encoder.description), repository_tiling(repository)
     )
@@ -72,8 +74,10 @@ def load_checkpoint_model(
     if weights_format in ("auto", "xmag") and is_xmag_checkpoint(weights):
         checkpoint = load_xmag_checkpoint(weights)  # encoder and heads from one read
         vit, stored_heads = checkpoint.vit, checkpoint.heads
+        architecture = ""  # an XMAG checkpoint carries its own architecture, unnamed: the student's tiling
     else:
         vit, stored_heads = load_encoder(weights, weights_format, encoder_config), None
+        architecture = encoder_config
     encoder = TorchTileEncoder(TileEncoder(vit), precision)
     heads = TorchSlideHeads(stored_heads if stored_heads is not None else demo_heads(encoder.embed_dim))
     info = ModelInfo(
@@ -85,5 +89,13 @@ def load_checkpoint_model(
         encoder=encoder.description,
         notice="" if stored_heads is not None else DEMO_HEADS_NOTICE,
     )
-    # A checkpoint states no tiling; it runs at the student's, 5x and 224 px, as classify_slide does by default.
-    return LoadedModel(encoder, heads, info, XMAG_5X)
+    return LoadedModel(encoder, heads, info, tiling_of_architecture(architecture))
+
+
+def tiling_of_architecture(architecture: str) -> TilingSpec:
+    """The tiling an architecture was trained for: the 20x models as the paper ran them, else the student's 5x.
+
+    A checkpoint states no tiling, so a 20x model (`--encoder-config uni2h` or
+    `phikon_vitb16`) is known by its architecture's name.
+    """
+    return {"uni2h": UNI2H_20X, "phikon_vitb16": PHIKON_20X}.get(architecture, XMAG_5X)

@@ -114,10 +114,24 @@ def _prefetch(batches: Iterator, depth: int) -> Iterator[Iterator]:
         producer.join()
 
 
-def classify_slide(
+@dataclass
+class SlideEmbeddings:
+    """One slide's tile embeddings, where the tiles are, and how they were made: what the heads and feature files take."""
+
+    facts: SlideFacts
+    embeddings: np.ndarray  # (N, D) float32, in grid order; (0, D) when the slide has no tissue
+    level0_coords: np.ndarray  # (N, 2) int64 top-left (x, y) in level-0 pixels
+    tile_size_level0_px: int
+    spec: TilingSpec
+    encoder: str  # the runtime that encoded the tiles, e.g. "torch fp32 on cpu"
+    timings_s: dict[str, float]  # open, tissue, read, encode
+    thumbnail: np.ndarray = field(repr=False)  # RGB uint8 at tissue.um_per_px
+    tissue: TissueMask = field(repr=False)
+
+
+def embed_slide(
     slide_path: str,
     encoder: TileEncoderRuntime,
-    heads: SlideHeadsRuntime,
     *,
     spec: TilingSpec = XMAG_5X,
     backend: ReaderBackend = "openslide",
@@ -126,17 +140,21 @@ def classify_slide(
     fallback_mpp: float | None = None,
     max_tiles: int | None = None,
     max_tiles_encoded: int | None = None,
+    require_tissue: bool = False,
     on_event: EventCallback | None = None,
-) -> SlideResult:
-    """Run the whole pipeline on one slide; one encode feeds every head.
+) -> SlideEmbeddings:
+    """Open a slide, find its tissue, plan its tile grid and encode every tile; reading overlaps encoding.
 
-    Raises the core's typed errors (SlideNotFoundError, NotASlideError,
-    CorruptSlideError, MissingResolutionError, NoTissueError, and
-    TooManyTilesError when the grid has more than `max_tiles` tiles, before any
-    tile is read). An exception raised by `on_event` stops the work (the way to
-    cancel) and propagates. `max_tiles_encoded` encodes only the grid's first
-    tiles, for benchmarks that measure a subset and extrapolate; the result's
-    coordinates and attention then cover that subset only.
+    The one embedding path: classification, feature extraction, the service
+    and the benchmark all call it. A slide without tissue gives (0, D)
+    embeddings, or NoTissueError with `require_tissue`. Raises the core's typed errors
+    (SlideNotFoundError, NotASlideError, CorruptSlideError,
+    MissingResolutionError, and TooManyTilesError when the grid has more than
+    `max_tiles` tiles, before any tile is read). An exception raised by
+    `on_event` stops the work (the way to cancel) and propagates.
+    `max_tiles_encoded` encodes only the grid's first tiles, for benchmarks
+    that measure a subset and extrapolate; the coordinates then cover that
+    subset only.
     """
 
     def emit(stage: Stage, tiles_done: int = 0, tiles_total: int = 0) -> None:
@@ -157,7 +175,7 @@ def classify_slide(
         tissue, thumbnail = tissue_mask_for_slide(reader, mpp, DEFAULT_THUMBNAIL_UM_PER_PX)
         grid: TileGrid = plan_tile_grid(info, mpp, tissue, spec)
         timings_s["tissue"] = time.perf_counter() - started
-        if len(grid) == 0:
+        if require_tissue and len(grid) == 0:
             raise NoTissueError(
                 f"No tissue found on {slide_path}: no {spec.tile_size_px} px tile at {spec.target_mpp} µm/px is "
                 f"at least {spec.min_tissue_fraction:.0%} tissue (detected tissue area "
@@ -178,7 +196,7 @@ def classify_slide(
             grid = dataclasses.replace(grid, level0_coords=grid.level0_coords[:max_tiles_encoded])
         emit("planned", 0, len(grid))
 
-        embeddings = []
+        embeddings = [np.empty((0, encoder.embed_dim), np.float32)]
         tiles_done = 0
         read_wait_s = 0.0
         encode_s = 0.0
@@ -199,11 +217,6 @@ def classify_slide(
         timings_s["read"] = read_wait_s
         timings_s["encode"] = encode_s
 
-    started = time.perf_counter()
-    features = np.concatenate(embeddings).astype(np.float32, copy=False)
-    predictions = heads.predict(features)
-    timings_s["heads"] = time.perf_counter() - started
-    emit("heads_done", len(grid), len(grid))
     facts = SlideFacts(
         width_px=info.width_px,
         height_px=info.height_px,
@@ -217,13 +230,71 @@ def classify_slide(
         tissue_area_mm2=tissue.tissue_area_mm2,
         tiles_encoded=len(grid),
     )
-    return SlideResult(
+    return SlideEmbeddings(
         facts=facts,
-        predictions=predictions,
-        level0_coords=grid.level0_coords,
+        embeddings=np.concatenate(embeddings).astype(np.float32, copy=False),
+        level0_coords=np.asarray(grid.level0_coords, dtype=np.int64).reshape(-1, 2),
         tile_size_level0_px=grid.tile_size_level0_px,
+        spec=spec,
+        encoder=encoder.description,
         timings_s=timings_s,
         thumbnail=thumbnail,
         tissue=tissue,
-        embeddings=features,
+    )
+
+
+def classify_slide(
+    slide_path: str,
+    encoder: TileEncoderRuntime,
+    heads: SlideHeadsRuntime,
+    *,
+    spec: TilingSpec = XMAG_5X,
+    backend: ReaderBackend = "openslide",
+    batch_size: int = 32,
+    num_workers: int = 2,
+    fallback_mpp: float | None = None,
+    max_tiles: int | None = None,
+    max_tiles_encoded: int | None = None,
+    on_event: EventCallback | None = None,
+) -> SlideResult:
+    """`embed_slide`, then every head on the one set of embeddings.
+
+    Raises what embed_slide raises, and NoTissueError for a slide without
+    tissue (before any tile is read).
+    """
+    embedded = embed_slide(
+        slide_path,
+        encoder,
+        spec=spec,
+        backend=backend,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        fallback_mpp=fallback_mpp,
+        max_tiles=max_tiles,
+        max_tiles_encoded=max_tiles_encoded,
+        require_tissue=True,
+        on_event=on_event,
+    )
+    return classify_embeddings(embedded, heads, on_event)
+
+
+def classify_embeddings(
+    embedded: SlideEmbeddings, heads: SlideHeadsRuntime, on_event: EventCallback | None = None
+) -> SlideResult:
+    """Every head on one slide's embeddings (from `embed_slide`, or a feature file of the same encoder)."""
+    started = time.perf_counter()
+    predictions = heads.predict(embedded.embeddings)
+    timings_s = {**embedded.timings_s, "heads": time.perf_counter() - started}
+    tiles = len(embedded.embeddings)
+    if on_event is not None:
+        on_event(SlideEvent("heads_done", tiles, tiles))
+    return SlideResult(
+        facts=embedded.facts,
+        predictions=predictions,
+        level0_coords=embedded.level0_coords,
+        tile_size_level0_px=embedded.tile_size_level0_px,
+        timings_s=timings_s,
+        thumbnail=embedded.thumbnail,
+        tissue=embedded.tissue,
+        embeddings=embedded.embeddings,
     )

@@ -48,6 +48,10 @@ class TilingSpec:
             raise ValueError(f"encoder_input_px must be at least 1, got {self.encoder_input_px}")
 
 
+# The filter every tile is resized with, from the pyramid level read to the encoder's size; feature files record it.
+RESIZE_FILTER = "bilinear"
+_RESAMPLING = {"bilinear": Image.Resampling.BILINEAR}
+
 XMAG_5X = TilingSpec(target_mpp=2.0, tile_size_px=224)  # the XMAG student: 5x, 224 px (448 µm)
 UNI2H_20X = TilingSpec(target_mpp=0.5, tile_size_px=256, encoder_input_px=224)  # UNI2-h as the paper ran it
 PHIKON_20X = TilingSpec(target_mpp=0.5, tile_size_px=256, encoder_input_px=224)  # Phikon as the paper ran it
@@ -128,4 +132,4 @@ def iter_tile_batches(reader: SlideReader, grid: TileGrid, batch_size: int) -> I
 
 def resize_tile(region: np.ndarray, tile_size_px: int) -> np.ndarray:
     """Square RGB uint8 region to tile_size_px; antialiased when shrinking (PIL's filters widen their support)."""
-    return np.asarray(Image.fromarray(region).resize((tile_size_px, tile_size_px), Image.Resampling.BILINEAR))
+    return np.asarray(Image.fromarray(region).resize((tile_size_px, tile_size_px), _RESAMPLING[RESIZE_FILTER]))
