@@ -77,6 +77,13 @@ def serve(
     request_timeout_s: float | None = typer.Option(
         None, help="Longest a slide may take, queueing included; default 600."
     ),
+    embedding_cache_dir: Path | None = typer.Option(
+        None,
+        help="Keep classified slides' embeddings here; a repeat request runs only the heads. [env XMAG_EMBEDDING_CACHE_DIR]",
+    ),
+    embedding_cache_max_bytes: int | None = typer.Option(
+        None, help="Largest the embedding cache may grow; default 10 GiB. [env XMAG_EMBEDDING_CACHE_MAX_BYTES]"
+    ),
     result_cache_size: int | None = typer.Option(
         None, help="Recent results whose heatmaps can be fetched; default 32."
     ),
@@ -115,6 +122,8 @@ def serve(
         "max_queued_slides": max_queued_slides,
         "max_tiles_per_slide": max_tiles_per_slide,
         "request_timeout_s": request_timeout_s,
+        "embedding_cache_dir": embedding_cache_dir,
+        "embedding_cache_max_bytes": embedding_cache_max_bytes,
         "result_cache_size": result_cache_size,
         "api_keys": api_key or None,
         "log_level": log_level,

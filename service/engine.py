@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -28,9 +29,11 @@ import time
 import numpy as np
 
 from xmag.errors import XmagError
-from xmag.pipeline import SlideEvent, classify_slide
+from xmag.features import EncoderIdentity
+from xmag.pipeline import SlideEmbeddings, SlideEvent, classify_embeddings, embed_slide
 from xmag.result_schema import ClassifyResult, HeatmapLinks, classify_result
 from xmag.runtimes.protocols import SlideHeadsRuntime, TileEncoderRuntime
+from xmag.service.embedding_cache import EmbeddingCache
 from xmag.service.errors import NotReadyError, QueueFullError, SlideTimeoutError, UnknownTaskError
 from xmag.service.guard import SlidePathGuard
 from xmag.service.jobs import EngineResult, EventListener, JobStopped, SlideJob
@@ -59,6 +62,13 @@ class Engine:
         self.metrics = metrics or ServiceMetrics()
         self.spec = model.spec
         self.guard = SlidePathGuard(settings.slide_roots)
+        self.cache = None
+        if settings.embedding_cache_dir is not None:
+            info = model.info
+            identity = EncoderIdentity(info.name, info.weights_sha256 or info.manifest_sha256 or "", info.encoder)
+            self.cache = EmbeddingCache(
+                settings.embedding_cache_dir, settings.embedding_cache_max_bytes, identity, self.spec, self.metrics
+            )
         # A TensorRT engine takes batches only up to its optimisation profile's maximum.
         max_batch_size = min(
             settings.max_batch_size, getattr(encoder, "max_batch_size", None) or settings.max_batch_size
@@ -231,18 +241,7 @@ class Engine:
         queue_s = time.monotonic() - job.admitted_at
         outcome: EngineResult | BaseException
         try:
-            slide = classify_slide(
-                str(job.real_path),
-                ScheduledEncoder(self.scheduler, job.cancelled),
-                self.heads,
-                spec=self.spec,
-                backend=self.settings.reader_backend,
-                batch_size=self.settings.read_batch_size,
-                num_workers=self.settings.reader_threads,
-                fallback_mpp=job.fallback_mpp,
-                max_tiles=self.settings.max_tiles_per_slide,
-                on_event=lambda event: self._on_event(job, event),
-            )
+            slide = classify_embeddings(self._embed(job), self.heads, lambda event: self._on_event(job, event))
             slide = dataclasses.replace(slide, predictions={task: slide.predictions[task] for task in job.tasks})
             total_s = time.monotonic() - job.admitted_at
             outcome = EngineResult(job.id, slide, {"queue": queue_s, **slide.timings_s, "total": total_s})
@@ -261,6 +260,30 @@ class Engine:
                 self._running -= 1
                 self._jobs.discard(job)
         self._finish(job, outcome)
+
+    def _embed(self, job: SlideJob) -> SlideEmbeddings:
+        """The slide's embeddings: from the embedding cache when it has them, else encoded (and then kept)."""
+        embed = functools.partial(
+            embed_slide,
+            str(job.real_path),
+            ScheduledEncoder(self.scheduler, job.cancelled),
+            spec=self.spec,
+            backend=self.settings.reader_backend,
+            batch_size=self.settings.read_batch_size,
+            num_workers=self.settings.reader_threads,
+            fallback_mpp=job.fallback_mpp,
+            max_tiles=self.settings.max_tiles_per_slide,
+            require_tissue=True,
+            on_event=lambda event: self._on_event(job, event),
+        )
+        if self.cache is None:
+            return embed()
+        key = self.cache.key(job.real_path)
+        with self.cache.claim(key):
+            embedded = embed(cached=self.cache.lookup(key))
+            if not embedded.from_cache:
+                self.cache.store(key, embedded)
+        return embedded
 
     def _on_event(self, job: SlideJob, event: SlideEvent) -> None:
         if job.cancelled.is_set():

@@ -78,6 +78,18 @@ class ServiceMetrics:
             "Most tiles the scheduler puts in one encoder batch; batch fill's denominator.",
             registry=registry,
         )
+        self.cache_lookups = Counter(
+            "xmag_embedding_cache_lookups",
+            "Embedding cache lookups by result: hit, miss, or corrupt (an unreadable entry, encoded again).",
+            ["result"],
+            registry=registry,
+        )
+        self.cache_evictions = Counter(
+            "xmag_embedding_cache_evictions",
+            "Embedding cache entries evicted to stay within the size bound.",
+            registry=registry,
+        )
+        self.cache_bytes = Gauge("xmag_embedding_cache_bytes", "Bytes the embedding cache holds.", registry=registry)
         self.gpus = GpuCollector()
         registry.register(self.gpus)
 

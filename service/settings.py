@@ -68,6 +68,12 @@ class ServiceSettings(BaseSettings):
     max_queued_slides: int = Field(32, ge=0, le=10_000, description="Slides waiting beyond those; more get 429.")
     max_tiles_per_slide: int = Field(20_000, ge=1, description="Larger slides get 413.")
     request_timeout_s: float = Field(600.0, gt=0, description="Longest a slide may take, queueing included.")
+    embedding_cache_dir: Path | None = Field(
+        None, description="Keep each classified slide's tile embeddings here, so a repeat request runs only the heads."
+    )
+    embedding_cache_max_bytes: int = Field(
+        10 * 1024**3, ge=0, description="Largest the embedding cache may grow; least recently used entries go first."
+    )
     result_cache_size: int = Field(32, ge=0, le=10_000, description="Recent results whose heatmaps can be fetched.")
 
     # Comma-separated in the environment: XMAG_API_KEYS=key1,key2. Empty: no authentication.

@@ -127,6 +127,11 @@ class SlideEmbeddings:
     timings_s: dict[str, float]  # open, tissue, read, encode
     thumbnail: np.ndarray = field(repr=False)  # RGB uint8 at tissue.um_per_px
     tissue: TissueMask = field(repr=False)
+    from_cache: bool = False  # the embeddings came from `cached`, not from the encoder
+
+
+# Given a slide's planned tile coordinates, stored embeddings for exactly those tiles, or None.
+EmbeddingLookup = Callable[[np.ndarray], np.ndarray | None]
 
 
 def embed_slide(
@@ -141,6 +146,7 @@ def embed_slide(
     max_tiles: int | None = None,
     max_tiles_encoded: int | None = None,
     require_tissue: bool = False,
+    cached: EmbeddingLookup | None = None,
     on_event: EventCallback | None = None,
 ) -> SlideEmbeddings:
     """Open a slide, find its tissue, plan its tile grid and encode every tile; reading overlaps encoding.
@@ -154,7 +160,8 @@ def embed_slide(
     `on_event` stops the work (the way to cancel) and propagates.
     `max_tiles_encoded` encodes only the grid's first tiles, for benchmarks
     that measure a subset and extrapolate; the coordinates then cover that
-    subset only.
+    subset only. `cached`, given the planned coordinates, may return stored
+    embeddings of exactly those tiles: then no tile is read or encoded.
     """
 
     def emit(stage: Stage, tiles_done: int = 0, tiles_total: int = 0) -> None:
@@ -196,23 +203,13 @@ def embed_slide(
             grid = dataclasses.replace(grid, level0_coords=grid.level0_coords[:max_tiles_encoded])
         emit("planned", 0, len(grid))
 
-        embeddings = [np.empty((0, encoder.embed_dim), np.float32)]
-        tiles_done = 0
-        read_wait_s = 0.0
-        encode_s = 0.0
-        with _prefetch(iter_tile_batches(reader, grid, batch_size), depth=2) as batches:
-            while True:
-                wait_started = time.perf_counter()
-                next_batch = next(batches, None)
-                read_wait_s += time.perf_counter() - wait_started
-                if next_batch is None:
-                    break
-                tiles, _ = next_batch
-                encode_started = time.perf_counter()
-                embeddings.append(encoder.encode(tiles))
-                encode_s += time.perf_counter() - encode_started
-                tiles_done += len(tiles)
-                emit("encoded", tiles_done, len(grid))
+        coords = np.asarray(grid.level0_coords, dtype=np.int64).reshape(-1, 2)
+        stored = cached(coords) if cached is not None else None
+        if stored is not None:
+            embeddings, read_wait_s, encode_s = [stored], 0.0, 0.0
+            emit("encoded", len(grid), len(grid))
+        else:
+            embeddings, read_wait_s, encode_s = _encode_grid(reader, grid, encoder, batch_size, emit)
         # "read" is the time the encoder waited for tiles, i.e. reading not hidden behind encoding.
         timings_s["read"] = read_wait_s
         timings_s["encode"] = encode_s
@@ -233,14 +230,37 @@ def embed_slide(
     return SlideEmbeddings(
         facts=facts,
         embeddings=np.concatenate(embeddings).astype(np.float32, copy=False),
-        level0_coords=np.asarray(grid.level0_coords, dtype=np.int64).reshape(-1, 2),
+        level0_coords=coords,
         tile_size_level0_px=grid.tile_size_level0_px,
         spec=spec,
         encoder=encoder.description,
         timings_s=timings_s,
         thumbnail=thumbnail,
         tissue=tissue,
+        from_cache=stored is not None,
     )
+
+
+def _encode_grid(reader, grid: TileGrid, encoder: TileEncoderRuntime, batch_size: int, emit):
+    """Read the grid's tiles on a background thread while encoding; (embeddings per batch, read wait s, encode s)."""
+    embeddings = [np.empty((0, encoder.embed_dim), np.float32)]
+    tiles_done = 0
+    read_wait_s = 0.0
+    encode_s = 0.0
+    with _prefetch(iter_tile_batches(reader, grid, batch_size), depth=2) as batches:
+        while True:
+            wait_started = time.perf_counter()
+            next_batch = next(batches, None)
+            read_wait_s += time.perf_counter() - wait_started
+            if next_batch is None:
+                break
+            tiles, _ = next_batch
+            encode_started = time.perf_counter()
+            embeddings.append(encoder.encode(tiles))
+            encode_s += time.perf_counter() - encode_started
+            tiles_done += len(tiles)
+            emit("encoded", tiles_done, len(grid))
+    return embeddings, read_wait_s, encode_s
 
 
 def classify_slide(
