@@ -30,6 +30,9 @@ def bench(
     backend: str = typer.Option("openslide", help="Slide reader of our pipeline: openslide or cucim."),
     slides_dir: Path = typer.Option(Path("out/bench_slides"), help="Cache of the generated benchmark slides."),
     quick: bool = typer.Option(False, help="Tiny models on one small slide: checks the harness in CI, not the speed."),
+    features: bool = typer.Option(
+        False, help="Instead: the embedding cache's speed-up and feature extraction's throughput, on the demo slide."
+    ),
 ) -> None:
     """Slides per minute of the whole pipeline: XMAG at 5x against UNI2-h and Phikon at 20x, and a naive reference."""
     import os
@@ -39,6 +42,16 @@ def bench(
     from xmag.benchmarks.harness import plan_runs, require_plotting, run_benchmark, tile_limits
     from xmag.benchmarks.slides import ensure_benchmark_slides
 
+    if features:
+        from xmag.benchmarks.cache import extraction_throughput, run_cache_benchmark
+        from xmag.demo import ensure_demo_slide
+        from xmag.export.demo import DEMO_REPOSITORY, ensure_demo_repository
+
+        slide = ensure_demo_slide(slides_dir / "demo").path
+        repository = ensure_demo_repository(DEMO_REPOSITORY)
+        run_cache_benchmark(slide, repository, output_dir, say=typer.echo)
+        extraction_throughput([slide], repository, output_dir, say=typer.echo)
+        return
     require_plotting()
     names = [name.strip() for name in configs.split(",") if name.strip()]
     gpu = torch.cuda.is_available()

@@ -12,6 +12,7 @@ import time
 import h5py
 import numpy as np
 import pytest
+from safetensors.torch import save_file
 from test_errors import damage_tiles
 from typer.testing import CliRunner
 
@@ -186,3 +187,19 @@ def test_slide_lists(six_slides, tmp_path):
     twice.write_text(f"{six_slides / 'slide-00.svs'}\n{six_slides / 'slide-00.svs'}\n")
     with pytest.raises(SlideListError, match="two slides have the id 'slide-00'"):
         read_slide_list(twice)
+
+
+def test_a_20x_teacher_is_extracted_at_20x(six_slides, tmp_path):
+    # UNI2-h's recipe at test size, saved with timm's key names as the official file has them.
+    weights = tmp_path / "tiny_uni2h.safetensors"
+    save_file(build_tile_encoder("tiny_uni2h", seed=0).vit.state_dict(), str(weights))
+    source = tmp_path / "one.txt"
+    source.write_text(str(six_slides / "slide-00.svs") + "\n")
+    arguments = ["extract", str(source), "--out", str(tmp_path / "out"), "--weights", str(weights)]
+    result = CliRunner().invoke(app, [*arguments, "--weights-format", "timm", "--encoder-config", "tiny_uni2h"])
+    assert result.exit_code == 0, result.output
+    with h5py.File(tmp_path / "out" / "slide-00.h5", "r") as h5:
+        attrs = h5["coords"].attrs
+        assert (attrs["patch_size"], attrs["patch_size_level0"], attrs["target_magnification"]) == (256, 256, 20)
+        assert h5["features"].shape[1] == 192 and json.loads(h5.attrs["xmag_tiling"])["encoder_input_px"] == 224
+        assert len(h5["features"]) > 100  # 16x the 5x grid's tiles
