@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import shutil
 
@@ -136,3 +137,17 @@ def test_the_cache_keeps_the_most_recently_used_within_its_bound(tmp_path, slide
     assert kept == sorted([keys[0], keys[2]])
     assert metric_value(cache.metrics.exposition().decode(), "xmag_embedding_cache_evictions_total") == 1
     assert cache.lookup(keys[1])(embedded.level0_coords) is None
+
+
+def test_the_cache_benchmark_prints_and_writes_its_ratio(lesion_model, tmp_path, capsys):
+    from xmag.benchmarks.cache import extraction_throughput, run_cache_benchmark
+
+    slide = lesion_model.lesion_slide.path
+    report = run_cache_benchmark(slide, lesion_model.repository, tmp_path, repeats=2)
+    written = json.loads((tmp_path / "embedding_cache.json").read_text())
+    assert written == report and len(report["request_seconds"]) == 3 and report["tiles"] > 0
+    assert report["ratio"] == report["uncached_s"] / report["cached_median_s"]
+    extraction = extraction_throughput([slide], lesion_model.repository, tmp_path)
+    assert extraction["tiles"] == report["tiles"] and extraction["feature_file_bytes_per_slide"] > 0
+    printed = capsys.readouterr().out
+    assert "embedding cache: first request" in printed and "x faster" in printed and "extraction:" in printed
