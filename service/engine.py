@@ -278,7 +278,10 @@ class Engine:
         )
         if self.cache is None:
             return embed()
-        key = self.cache.key(job.real_path)
+        try:
+            key = self.cache.key(job.real_path)
+        except OSError:  # gone or unreadable since admission: the pipeline's typed error says which
+            return embed()
         with self.cache.claim(key):
             embedded = embed(cached=self.cache.lookup(key))
             if not embedded.from_cache:

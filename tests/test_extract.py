@@ -183,6 +183,10 @@ def test_slide_lists(six_slides, tmp_path):
     padded.write_text("case_id,slide_id,label\nc,007,x\n")
     with pytest.raises(SlideListError, match="'007'"):  # read as a string, not as 7
         read_slide_list(padded, slide_dir=six_slides)
+    escaping = tmp_path / "escaping.csv"
+    escaping.write_text(f"slide_id,slide_path\n../outside,{six_slides / 'slide-00.svs'}\n")
+    with pytest.raises(SlideListError, match="cannot name a feature file"):
+        read_slide_list(escaping)
     twice = tmp_path / "twice.txt"
     twice.write_text(f"{six_slides / 'slide-00.svs'}\n{six_slides / 'slide-00.svs'}\n")
     with pytest.raises(SlideListError, match="two slides have the id 'slide-00'"):

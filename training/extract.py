@@ -18,6 +18,7 @@ log only; what is said on the console names slide ids (file stems).
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import os
 import time
@@ -84,6 +85,10 @@ def read_slide_list(source: Path, slide_dir: Path | None = None) -> list[SlideEn
         raise SlideListError(f"{source} names no slides")
     seen: dict[str, Path] = {}
     for entry in entries:
+        if not entry.slide_id or entry.slide_id in (".", "..") or any(c in entry.slide_id for c in "/\\"):
+            raise SlideListError(
+                f"slide id {entry.slide_id!r} cannot name a feature file: no path separators, not . or .."
+            )
         if entry.slide_id in seen:
             raise SlideListError(f"two slides have the id {entry.slide_id!r}: {seen[entry.slide_id]} and {entry.path}")
         seen[entry.slide_id] = entry.path
@@ -148,7 +153,9 @@ def extract_features(
     with log_path.open("a") as log:
         for entry in entries:
             target = output_dir / f"{entry.slide_id}.h5"
-            for stale in output_dir.glob(f".{target.name}.*.partial"):  # a run killed while writing this slide
+            for stale in output_dir.glob(
+                f".{glob.escape(target.name)}.*.partial"
+            ):  # a run killed while writing this slide
                 stale.unlink()
             started = time.perf_counter()
             error: XmagError | None = None
