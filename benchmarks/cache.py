@@ -115,7 +115,7 @@ def extraction_throughput(
 
     model = load_repository_model(model_repo)
     info = model.info
-    identity = EncoderIdentity(info.name, info.weights_sha256 or info.manifest_sha256 or "", info.encoder)
+    identity = EncoderIdentity.of_model(info)
     started, tiles, file_bytes = time.perf_counter(), 0, []
     with tempfile.TemporaryDirectory(prefix="xmag-extract-bench-") as folder:
         for slide in slides:

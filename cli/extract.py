@@ -71,7 +71,7 @@ def extract(
             weights, weights_format, encoder_config, "fp32" if precision == "auto" else precision
         )  # type: ignore[arg-type]
     info = model.info
-    identity = EncoderIdentity(info.name, info.weights_sha256 or info.manifest_sha256 or "", info.encoder)
+    identity = EncoderIdentity.of_model(info)
     typer.echo(f"rank {ranks.rank} of {ranks.world_size}: {len(entries)} slides, encoder {info.name} on {info.encoder}")
     started = time.perf_counter()
     with progress_bar("slide", "extracting", total=len(entries)) as bar:

@@ -64,10 +64,12 @@ class Engine:
         self.guard = SlidePathGuard(settings.slide_roots)
         self.cache = None
         if settings.embedding_cache_dir is not None:
-            info = model.info
-            identity = EncoderIdentity(info.name, info.weights_sha256 or info.manifest_sha256 or "", info.encoder)
             self.cache = EmbeddingCache(
-                settings.embedding_cache_dir, settings.embedding_cache_max_bytes, identity, self.spec, self.metrics
+                settings.embedding_cache_dir,
+                settings.embedding_cache_max_bytes,
+                EncoderIdentity.of_model(model.info),
+                self.spec,
+                self.metrics,
             )
         # A TensorRT engine takes batches only up to its optimisation profile's maximum.
         max_batch_size = min(

@@ -37,6 +37,7 @@ import numpy as np
 from xmag import __version__
 from xmag.errors import XmagError
 from xmag.pipeline import SlideEmbeddings
+from xmag.result_schema import ModelInfo
 from xmag.slide.tiling import RESIZE_FILTER, TilingSpec
 
 FEATURES = "features"
@@ -58,6 +59,11 @@ class EncoderIdentity:
     name: str
     sha256: str
     runtime: str  # e.g. "onnxruntime int8 (CPUExecutionProvider)"
+
+    @classmethod
+    def of_model(cls, info: ModelInfo) -> EncoderIdentity:
+        """The identity of a loaded model's encoder: its weights' sha256 (the manifest's where none is recorded)."""
+        return cls(info.name, info.weights_sha256 or info.manifest_sha256 or "", info.encoder)
 
 
 @dataclass(frozen=True)
