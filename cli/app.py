@@ -36,7 +36,8 @@ EXTRA_OF_MODULE = {
     "pynvml": "serve",
     "onnx": "export",
     "onnxscript": "export",
-    "matplotlib": "bench",
+    "matplotlib": "bench",  # also in [train]
+    "sklearn": "train",
 }
 
 

@@ -42,7 +42,11 @@ from xmag.model_repo import (
     TaskSpec,
     sha256_of,
 )
-from xmag.models.checkpoints.xmag_format import load_xmag_checkpoint, save_encoder_checkpoint
+from xmag.models.checkpoints.xmag_format import (
+    encoder_weights_sha256,
+    load_xmag_checkpoint,
+    save_encoder_checkpoint,
+)
 from xmag.models.encoder import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, TileEncoder
 from xmag.models.vit import VIT_CONFIGS
 from xmag.slide.tiling import XMAG_5X
@@ -249,6 +253,7 @@ def export_model_repository(
                 tile_size_px=encoder.tile_size_px,
                 target_mpp=options.target_mpp,
                 normalisation={"mean": list(IMAGENET_MEAN_RGB), "std": list(IMAGENET_STD_RGB)},
+                weights_sha256=encoder_weights_sha256(vit),
             ),
             tasks=tasks,
             artifacts=artifacts,

@@ -41,7 +41,7 @@ def result_document(message: pb.ClassifyResult) -> ClassifyResult:
     if not message.slide.HasField("objective_power"):
         slide["objective_power"] = None
     model = {field: getattr(message.model, field) for field in ModelInfo.model_fields}
-    for field in ("manifest_sha256", "weights_sha256"):
+    for field in ("manifest_sha256", "weights_sha256", "encoder_sha256"):
         model[field] = model[field] or None
     attention = None
     if message.HasField("tiles"):

@@ -64,8 +64,27 @@ def backend(request):
 
 
 @pytest.fixture(scope="session")
-def lesion_model(tmp_path_factory):
-    """A model repository with a lesion head trained on generated slides, and held-out slides (~25 s, once)."""
+def lesion_cohort(tmp_path_factory):
+    """A synthetic cohort of 20 slides (10 patients), a tiny encoder and its feature files (~1 min, once)."""
+    from training_support import make_cohort_features
+
+    return make_cohort_features(tmp_path_factory.mktemp("lesion_cohort"))
+
+
+@pytest.fixture(scope="session")
+def lesion_run(tmp_path_factory, lesion_cohort):
+    """`xmag train heads` on the cohort: 3-fold cross-validation and the final lesion head (~30 s, once)."""
+    from training_support import train_lesion_heads
+
+    cohort, encoder_checkpoint, features_dir = lesion_cohort
+    return train_lesion_heads(
+        tmp_path_factory.mktemp("lesion_run"), cohort, encoder_checkpoint, features_dir, cohort.dataset_csv
+    )
+
+
+@pytest.fixture(scope="session")
+def lesion_model(tmp_path_factory, lesion_run):
+    """The lesion run's checkpoint exported as a model repository, and held-out 20x slides (~20 s, once)."""
     from service_support import build_lesion_model
 
-    return build_lesion_model(tmp_path_factory.mktemp("lesion_model"))
+    return build_lesion_model(tmp_path_factory.mktemp("lesion_model"), lesion_run)

@@ -1,4 +1,5 @@
-"""Helpers of the service tests: a real uvicorn on loopback, and a model whose head was trained to find lesions."""
+"""Helpers of the service tests: a real uvicorn on loopback, and a model whose head was trained to find lesions
+(by the training package: tests/training_support.py)."""
 
 from __future__ import annotations
 
@@ -10,26 +11,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import numpy as np
-import torch
 import uvicorn
+from training_support import LESION_TASK, LesionRun
 
 from xmag.export.repository import export_model_repository
 from xmag.model_repo import load_model_repository
-from xmag.models.abmil import GatedABMIL, SlideHeads
-from xmag.models.checkpoints.xmag_format import save_encoder_checkpoint
-from xmag.models.encoder import TileEncoder, build_tile_encoder
-from xmag.pipeline import embed_slide
 from xmag.runtimes.selection import heads_from_repository, select_encoder_runtime
-from xmag.runtimes.torch_backend import TorchTileEncoder
 from xmag.service.engine import Engine
 from xmag.service.model import ModelDescription
 from xmag.service.rest import create_app
 from xmag.service.settings import ServiceSettings
+from xmag.synthetic.dataset import tile_lesion_fractions
 from xmag.synthetic.slide import SyntheticSlide, make_synthetic_slide
 
-LESION_TASK = "lesion"
-LESION_CLASSES = ["normal", "lesion"]
+__all__ = ["LESION_TASK", "tile_lesion_fractions"]  # for the service tests, with the helpers below
 
 
 def service_settings(**values) -> ServiceSettings:
@@ -95,59 +90,8 @@ class LesionModel:
     normal_slide: SyntheticSlide  # held out: no lesion
 
 
-def tile_lesion_fractions(slide: SyntheticSlide, level0_coords: np.ndarray, tile_size_level0_px: int) -> np.ndarray:
-    """The fraction of each tile inside the planted lesions, from the ground-truth mask."""
-    mask = slide.read_lesion_mask()
-    level0_px_per_mask_px = slide.mask_um_per_px / slide.mpp
-    size = max(1, int(round(tile_size_level0_px / level0_px_per_mask_px)))
-    fractions = []
-    for x, y in np.asarray(level0_coords):
-        left, top = int(round(x / level0_px_per_mask_px)), int(round(y / level0_px_per_mask_px))
-        fractions.append(float(mask[top : top + size, left : left + size].mean()))
-    return np.asarray(fractions)
-
-
-def _features_and_lesion_fractions(slide: SyntheticSlide, encoder: TileEncoder) -> tuple[np.ndarray, np.ndarray]:
-    # The one embedding path, as the service and `xmag extract` run it.
-    embedded = embed_slide(str(slide.path), TorchTileEncoder(encoder))
-    return embedded.embeddings, tile_lesion_fractions(slide, embedded.level0_coords, embedded.tile_size_level0_px)
-
-
-def train_lesion_head(training: list[tuple[np.ndarray, np.ndarray]], embed_dim: int, seed: int = 0) -> GatedABMIL:
-    """A gated-ABMIL head trained on bags of tiles: 'lesion' when a bag holds tiles mostly inside a lesion.
-
-    Bags are random subsets of the training slides' tiles, so a few slides give
-    hundreds of labelled bags; tiles partly inside a lesion are left out as ambiguous.
-    """
-    rng = np.random.default_rng(seed)
-    bags: list[tuple[np.ndarray, int]] = []
-    for _ in range(400):
-        features, fractions = training[rng.integers(len(training))]
-        normal, lesion = np.flatnonzero(fractions == 0), np.flatnonzero(fractions >= 0.5)
-        chosen = rng.choice(normal, size=min(int(rng.integers(10, 60)), len(normal)), replace=False)
-        label = int(rng.integers(2)) if len(lesion) else 0
-        if label:
-            chosen = np.concatenate(
-                [chosen, rng.choice(lesion, size=int(rng.integers(1, len(lesion) + 1)), replace=False)]
-            )
-        bags.append((features[chosen], label))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = GatedABMIL(in_dim=embed_dim, num_classes=len(LESION_CLASSES))
-    optimiser = torch.optim.Adam(head.parameters(), lr=1e-3)
-    for _ in range(3):
-        for index in rng.permutation(len(bags)):
-            features, label = bags[index]
-            logits, _ = head(torch.from_numpy(features))
-            loss = torch.nn.functional.cross_entropy(logits[None], torch.tensor([label]))
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-    return head.eval()
-
-
-def build_lesion_model(directory: Path) -> LesionModel:
-    """Generate slides, train a lesion head on the tiny encoder's features, export a model repository (~25 s)."""
+def build_lesion_model(directory: Path, run: LesionRun) -> LesionModel:
+    """Export the heads run's checkpoint (trained by the training package) as a repository; write held-out slides."""
     slides_dir = directory / "slides"
     slides_dir.mkdir(parents=True, exist_ok=True)
 
@@ -161,20 +105,8 @@ def build_lesion_model(directory: Path) -> LesionModel:
             n_lesions=n_lesions,
         )
 
-    encoder = build_tile_encoder("tiny_dinov2", seed=0).eval()
-    training = [
-        _features_and_lesion_fractions(s, encoder) for s in (slide("train_lesion", 21, 2), slide("train_normal", 23, 0))
-    ]
-    head = train_lesion_head(training, encoder.embed_dim)
-    checkpoint = directory / "lesion.safetensors"
-    save_encoder_checkpoint(
-        encoder.vit,
-        checkpoint,
-        metadata={"provenance_kind": "trained", "provenance_description": "test lesion head"},
-        heads=SlideHeads({LESION_TASK: head}, {LESION_TASK: LESION_CLASSES}),
-    )
     repository = directory / "repo"
-    export_model_repository(checkpoint, repository, model_name="tiny_lesion")
+    export_model_repository(run.checkpoint, repository, model_name="tiny_lesion")
     return LesionModel(
         repository, slides_dir, slide("held_out_lesion", 22, 2), slide("held_out_normal", 24, 0, 12_000, 9_000)
     )

@@ -62,8 +62,13 @@ class EncoderIdentity:
 
     @classmethod
     def of_model(cls, info: ModelInfo) -> EncoderIdentity:
-        """The identity of a loaded model's encoder: its weights' sha256 (the manifest's where none is recorded)."""
-        return cls(info.name, info.weights_sha256 or info.manifest_sha256 or "", info.encoder)
+        """The identity of a loaded model's encoder: `encoder_weights_sha256` of its weights, and its runtime."""
+        if not info.encoder_sha256:
+            raise ValueError(
+                f"the model {info.name} does not record its encoder's weights sha256 (a repository exported before "
+                "that was recorded): export it again with xmag export"
+            )
+        return cls(info.name, info.encoder_sha256, info.encoder)
 
 
 @dataclass(frozen=True)

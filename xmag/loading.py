@@ -13,8 +13,15 @@ from pathlib import Path
 
 from xmag.demo import DEMO_HEADS_NOTICE, DEMO_WEIGHTS_NOTICE, demo_heads
 from xmag.model_repo import MANIFEST_FILE, ModelRepository, load_model_repository, sha256_of
-from xmag.models.checkpoints.xmag_format import is_xmag_checkpoint, load_encoder, load_xmag_checkpoint
+from xmag.models.checkpoints.xmag_format import (
+    encoder_weights_sha256,
+    is_xmag_checkpoint,
+    load_encoder,
+    load_encoder_checkpoint,
+    load_xmag_checkpoint,
+)
 from xmag.models.encoder import TileEncoder
+from xmag.models.vit import VisionTransformer
 from xmag.result_schema import ModelInfo
 from xmag.runtimes.protocols import SlideHeadsRuntime, TileEncoderRuntime
 from xmag.runtimes.selection import runtimes_from_repository
@@ -41,6 +48,7 @@ def repository_model_info(repository: ModelRepository, encoder_description: str)
         kind=kind,
         manifest_sha256=sha256_of(repository.root / MANIFEST_FILE),
         weights_sha256=manifest.provenance.source_sha256,
+        encoder_sha256=manifest.encoder.weights_sha256,
         encoder=encoder_description,
         notice=DEMO_WEIGHTS_NOTICE if kind == "untrained-demo" else "",
     )
@@ -86,6 +94,7 @@ def load_checkpoint_model(
         kind="checkpoint",
         manifest_sha256=None,
         weights_sha256=sha256_of(weights),
+        encoder_sha256=encoder_weights_sha256(vit),
         encoder=encoder.description,
         notice="" if stored_heads is not None else DEMO_HEADS_NOTICE,
     )
@@ -100,3 +109,49 @@ def tiling_of_architecture(architecture: str) -> TilingSpec:
     """
     # tiny_uni2h is the UNI2-h recipe at test size (the benchmark's quick mode and the tests run it).
     return {"uni2h": UNI2H_20X, "tiny_uni2h": UNI2H_20X, "phikon_vitb16": PHIKON_20X}.get(architecture, XMAG_5X)
+
+
+@dataclass(frozen=True)
+class EncoderWeights:
+    """An encoder's torch weights with what training records about them."""
+
+    vit: VisionTransformer  # eval mode, on the CPU
+    name: str
+    sha256: str  # encoder_weights_sha256: what feature files and trained heads record
+    provenance_kind: str  # "trained" or "untrained-demo"
+    description: str
+    spec: TilingSpec  # the tiling the encoder takes
+
+
+def load_encoder_weights(
+    source: Path, weights_format: str = "auto", encoder_config: str = "xmag_vitb14"
+) -> EncoderWeights:
+    """The torch encoder of a verified model repository (a folder) or of a checkpoint file, for training on top of it."""
+    source = Path(source)
+    if source.is_dir():
+        repository = load_model_repository(source)
+        manifest = repository.manifest
+        torch_weights = next(
+            (a for a in manifest.artifacts if a.role == "encoder" and a.runtime == "torch" and a.usable), None
+        )
+        if torch_weights is None:
+            raise ValueError(f"{source} holds no torch encoder weights (exported before they were kept): export again")
+        vit = load_encoder_checkpoint(repository.path_of(torch_weights, ".safetensors"))
+        return EncoderWeights(
+            vit,
+            manifest.model_name,
+            encoder_weights_sha256(vit),
+            manifest.provenance.kind,
+            manifest.provenance.description,
+            repository_tiling(repository),
+        )
+    if weights_format in ("auto", "xmag") and is_xmag_checkpoint(source):
+        checkpoint = load_xmag_checkpoint(source)
+        vit, kind = checkpoint.vit, checkpoint.metadata.get("provenance_kind", "trained")
+        description, architecture = checkpoint.metadata.get("provenance_description", ""), ""
+    else:
+        vit, kind, description = load_encoder(source, weights_format, encoder_config), "trained", ""
+        architecture = encoder_config
+    return EncoderWeights(
+        vit, source.stem, encoder_weights_sha256(vit), kind, description, tiling_of_architecture(architecture)
+    )

@@ -79,6 +79,8 @@ class EncoderSpec(_Strict):
     input_layout: str = TILES_LAYOUT
     output_name: str = EMBEDDING_OUTPUT
     normalisation: dict[str, list[float]]  # {"mean": [...], "std": [...]} on the 0..1 scale, inside the graph
+    # encoder_weights_sha256 of the encoder: what feature files and trained heads record (absent before 0.x exports).
+    weights_sha256: str | None = None
 
 
 class TaskSpec(_Strict):

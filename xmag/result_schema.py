@@ -44,6 +44,11 @@ class ModelInfo(_Schema):
     kind: ModelKind = Field(description="'untrained-demo': random weights; the predictions are meaningless.")
     manifest_sha256: str | None = Field(description="sha256 of the model repository's manifest.json.")
     weights_sha256: str | None = Field(description="sha256 of the checkpoint the repository was exported from.")
+    encoder_sha256: str | None = Field(
+        default=None,
+        description="Identity of the encoder's weights (sha256 of its tensors), as feature files and trained heads "
+        "record it.",
+    )
     encoder: str = Field(description="The runtime that encodes tiles, e.g. 'onnxruntime int8 (CPUExecutionProvider)'.")
     notice: str = Field(description="Non-empty when the weights are untrained demo weights.")
 

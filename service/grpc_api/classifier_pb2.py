@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18xmag/v1/classifier.proto\x12\x07xmag.v1\"\x8e\x01\n\x0f\x43lassifyRequest\x12\x12\n\nslide_path\x18\x01 \x01(\t\x12\r\n\x05tasks\x18\x02 \x03(\t\x12\x18\n\x10return_attention\x18\x03 \x01(\x08\x12\x10\n\x03mpp\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\ttimeout_s\x18\x05 \x01(\x01H\x01\x88\x01\x01\x42\x06\n\x04_mppB\x0c\n\n_timeout_s\"\x9f\x02\n\nSlideFacts\x12\x10\n\x08width_px\x18\x01 \x01(\x03\x12\x11\n\theight_px\x18\x02 \x01(\x03\x12\x0b\n\x03mpp\x18\x03 \x01(\x01\x12\x1a\n\x12\x62\x61se_magnification\x18\x04 \x01(\x01\x12\x1c\n\x0fobjective_power\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06vendor\x18\x06 \x01(\t\x12\x16\n\x0ereader_backend\x18\x07 \x01(\t\x12\x12\n\nread_level\x18\x08 \x01(\x05\x12\x12\n\ntile_count\x18\t \x01(\x05\x12\x14\n\x0ctile_size_px\x18\n \x01(\x05\x12\x12\n\ntarget_mpp\x18\x0b \x01(\x01\x12\x17\n\x0ftissue_area_mm2\x18\x0c \x01(\x01\x42\x12\n\x10_objective_power\"\x8a\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x04 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x05 \x01(\t\x12\x0f\n\x07\x65ncoder\x18\x06 \x01(\t\x12\x0e\n\x06notice\x18\x07 \x01(\t\"\xab\x01\n\x0eTaskPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\x41\n\rprobabilities\x18\x02 \x03(\x0b\x32*.xmag.v1.TaskPrediction.ProbabilitiesEntry\x12\x11\n\tattention\x18\x03 \x03(\x02\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\":\n\x08TileGrid\x12\x1b\n\x13tile_size_level0_px\x18\x01 \x01(\x05\x12\x11\n\tlevel0_xy\x18\x02 \x03(\x03\"w\n\x0cStageTimings\x12\r\n\x05queue\x18\x01 \x01(\x01\x12\x0c\n\x04open\x18\x02 \x01(\x01\x12\x0e\n\x06tissue\x18\x03 \x01(\x01\x12\x0c\n\x04read\x18\x04 \x01(\x01\x12\x0e\n\x06\x65ncode\x18\x05 \x01(\x01\x12\r\n\x05heads\x18\x06 \x01(\x01\x12\r\n\x05total\x18\x07 \x01(\x01\"\xc2\x02\n\x0e\x43lassifyResult\x12\x11\n\tresult_id\x18\x01 \x01(\t\x12\"\n\x05slide\x18\x02 \x01(\x0b\x32\x13.xmag.v1.SlideFacts\x12!\n\x05model\x18\x03 \x01(\x0b\x32\x12.xmag.v1.ModelInfo\x12=\n\x0bpredictions\x18\x04 \x03(\x0b\x32(.xmag.v1.ClassifyResult.PredictionsEntry\x12 \n\x05tiles\x18\x05 \x01(\x0b\x32\x11.xmag.v1.TileGrid\x12(\n\ttimings_s\x18\x06 \x01(\x0b\x32\x15.xmag.v1.StageTimings\x1aK\n\x10PredictionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.xmag.v1.TaskPrediction:\x02\x38\x01\"\xbd\x01\n\x08Progress\x12&\n\x05stage\x18\x01 \x01(\x0e\x32\x17.xmag.v1.Progress.Stage\x12\x12\n\ntiles_done\x18\x02 \x01(\x05\x12\x13\n\x0btiles_total\x18\x03 \x01(\x05\"`\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\n\n\x06OPENED\x10\x01\x12\x11\n\rTILES_PLANNED\x10\x02\x12\x11\n\rTILES_ENCODED\x10\x03\x12\x0e\n\nHEADS_DONE\x10\x04\"j\n\rClassifyEvent\x12%\n\x08progress\x18\x01 \x01(\x0b\x32\x11.xmag.v1.ProgressH\x00\x12)\n\x06result\x18\x02 \x01(\x0b\x32\x17.xmag.v1.ClassifyResultH\x00\x42\x07\n\x05\x65vent\"X\n\x13\x43lassifyManyRequest\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x18.xmag.v1.ClassifyRequest\"S\n\nSlideError\x12\x11\n\tgrpc_code\x18\x01 \x01(\x05\x12\x13\n\x0bgrpc_status\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x8a\x01\n\x14\x43lassifyManyResponse\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\x12)\n\x06result\x18\x02 \x01(\x0b\x32\x17.xmag.v1.ClassifyResultH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.xmag.v1.SlideErrorH\x00\x42\t\n\x07outcome\"\x13\n\x11ListModelsRequest\"-\n\x08TaskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x02 \x03(\t\"\x83\x01\n\x12ListModelsResponse\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.xmag.v1.ModelInfo\x12 \n\x05tasks\x18\x02 \x03(\x0b\x32\x11.xmag.v1.TaskInfo\x12\x14\n\x0ctile_size_px\x18\x03 \x01(\x05\x12\x12\n\ntarget_mpp\x18\x04 \x01(\x01\x32\xae\x02\n\x0fSlideClassifier\x12=\n\x08\x43lassify\x12\x18.xmag.v1.ClassifyRequest\x1a\x17.xmag.v1.ClassifyResult\x12\x44\n\x0e\x43lassifyStream\x12\x18.xmag.v1.ClassifyRequest\x1a\x16.xmag.v1.ClassifyEvent0\x01\x12O\n\x0c\x43lassifyMany\x12\x1c.xmag.v1.ClassifyManyRequest\x1a\x1d.xmag.v1.ClassifyManyResponse(\x01\x30\x01\x12\x45\n\nListModels\x12\x1a.xmag.v1.ListModelsRequest\x1a\x1b.xmag.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18xmag/v1/classifier.proto\x12\x07xmag.v1\"\x8e\x01\n\x0f\x43lassifyRequest\x12\x12\n\nslide_path\x18\x01 \x01(\t\x12\r\n\x05tasks\x18\x02 \x03(\t\x12\x18\n\x10return_attention\x18\x03 \x01(\x08\x12\x10\n\x03mpp\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\ttimeout_s\x18\x05 \x01(\x01H\x01\x88\x01\x01\x42\x06\n\x04_mppB\x0c\n\n_timeout_s\"\x9f\x02\n\nSlideFacts\x12\x10\n\x08width_px\x18\x01 \x01(\x03\x12\x11\n\theight_px\x18\x02 \x01(\x03\x12\x0b\n\x03mpp\x18\x03 \x01(\x01\x12\x1a\n\x12\x62\x61se_magnification\x18\x04 \x01(\x01\x12\x1c\n\x0fobjective_power\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06vendor\x18\x06 \x01(\t\x12\x16\n\x0ereader_backend\x18\x07 \x01(\t\x12\x12\n\nread_level\x18\x08 \x01(\x05\x12\x12\n\ntile_count\x18\t \x01(\x05\x12\x14\n\x0ctile_size_px\x18\n \x01(\x05\x12\x12\n\ntarget_mpp\x18\x0b \x01(\x01\x12\x17\n\x0ftissue_area_mm2\x18\x0c \x01(\x01\x42\x12\n\x10_objective_power\"\xa2\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x04 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x05 \x01(\t\x12\x0f\n\x07\x65ncoder\x18\x06 \x01(\t\x12\x0e\n\x06notice\x18\x07 \x01(\t\x12\x16\n\x0e\x65ncoder_sha256\x18\x08 \x01(\t\"\xab\x01\n\x0eTaskPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\x41\n\rprobabilities\x18\x02 \x03(\x0b\x32*.xmag.v1.TaskPrediction.ProbabilitiesEntry\x12\x11\n\tattention\x18\x03 \x03(\x02\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\":\n\x08TileGrid\x12\x1b\n\x13tile_size_level0_px\x18\x01 \x01(\x05\x12\x11\n\tlevel0_xy\x18\x02 \x03(\x03\"w\n\x0cStageTimings\x12\r\n\x05queue\x18\x01 \x01(\x01\x12\x0c\n\x04open\x18\x02 \x01(\x01\x12\x0e\n\x06tissue\x18\x03 \x01(\x01\x12\x0c\n\x04read\x18\x04 \x01(\x01\x12\x0e\n\x06\x65ncode\x18\x05 \x01(\x01\x12\r\n\x05heads\x18\x06 \x01(\x01\x12\r\n\x05total\x18\x07 \x01(\x01\"\xc2\x02\n\x0e\x43lassifyResult\x12\x11\n\tresult_id\x18\x01 \x01(\t\x12\"\n\x05slide\x18\x02 \x01(\x0b\x32\x13.xmag.v1.SlideFacts\x12!\n\x05model\x18\x03 \x01(\x0b\x32\x12.xmag.v1.ModelInfo\x12=\n\x0bpredictions\x18\x04 \x03(\x0b\x32(.xmag.v1.ClassifyResult.PredictionsEntry\x12 \n\x05tiles\x18\x05 \x01(\x0b\x32\x11.xmag.v1.TileGrid\x12(\n\ttimings_s\x18\x06 \x01(\x0b\x32\x15.xmag.v1.StageTimings\x1aK\n\x10PredictionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.xmag.v1.TaskPrediction:\x02\x38\x01\"\xbd\x01\n\x08Progress\x12&\n\x05stage\x18\x01 \x01(\x0e\x32\x17.xmag.v1.Progress.Stage\x12\x12\n\ntiles_done\x18\x02 \x01(\x05\x12\x13\n\x0btiles_total\x18\x03 \x01(\x05\"`\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\n\n\x06OPENED\x10\x01\x12\x11\n\rTILES_PLANNED\x10\x02\x12\x11\n\rTILES_ENCODED\x10\x03\x12\x0e\n\nHEADS_DONE\x10\x04\"j\n\rClassifyEvent\x12%\n\x08progress\x18\x01 \x01(\x0b\x32\x11.xmag.v1.ProgressH\x00\x12)\n\x06result\x18\x02 \x01(\x0b\x32\x17.xmag.v1.ClassifyResultH\x00\x42\x07\n\x05\x65vent\"X\n\x13\x43lassifyManyRequest\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x18.xmag.v1.ClassifyRequest\"S\n\nSlideError\x12\x11\n\tgrpc_code\x18\x01 \x01(\x05\x12\x13\n\x0bgrpc_status\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x8a\x01\n\x14\x43lassifyManyResponse\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\x12)\n\x06result\x18\x02 \x01(\x0b\x32\x17.xmag.v1.ClassifyResultH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.xmag.v1.SlideErrorH\x00\x42\t\n\x07outcome\"\x13\n\x11ListModelsRequest\"-\n\x08TaskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x02 \x03(\t\"\x83\x01\n\x12ListModelsResponse\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.xmag.v1.ModelInfo\x12 \n\x05tasks\x18\x02 \x03(\x0b\x32\x11.xmag.v1.TaskInfo\x12\x14\n\x0ctile_size_px\x18\x03 \x01(\x05\x12\x12\n\ntarget_mpp\x18\x04 \x01(\x01\x32\xae\x02\n\x0fSlideClassifier\x12=\n\x08\x43lassify\x12\x18.xmag.v1.ClassifyRequest\x1a\x17.xmag.v1.ClassifyResult\x12\x44\n\x0e\x43lassifyStream\x12\x18.xmag.v1.ClassifyRequest\x1a\x16.xmag.v1.ClassifyEvent0\x01\x12O\n\x0c\x43lassifyMany\x12\x1c.xmag.v1.ClassifyManyRequest\x1a\x1d.xmag.v1.ClassifyManyResponse(\x01\x30\x01\x12\x45\n\nListModels\x12\x1a.xmag.v1.ListModelsRequest\x1a\x1b.xmag.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,37 +40,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SLIDEFACTS']._serialized_start=183
   _globals['_SLIDEFACTS']._serialized_end=470
   _globals['_MODELINFO']._serialized_start=473
-  _globals['_MODELINFO']._serialized_end=611
-  _globals['_TASKPREDICTION']._serialized_start=614
-  _globals['_TASKPREDICTION']._serialized_end=785
-  _globals['_TASKPREDICTION_PROBABILITIESENTRY']._serialized_start=733
-  _globals['_TASKPREDICTION_PROBABILITIESENTRY']._serialized_end=785
-  _globals['_TILEGRID']._serialized_start=787
-  _globals['_TILEGRID']._serialized_end=845
-  _globals['_STAGETIMINGS']._serialized_start=847
-  _globals['_STAGETIMINGS']._serialized_end=966
-  _globals['_CLASSIFYRESULT']._serialized_start=969
-  _globals['_CLASSIFYRESULT']._serialized_end=1291
-  _globals['_CLASSIFYRESULT_PREDICTIONSENTRY']._serialized_start=1216
-  _globals['_CLASSIFYRESULT_PREDICTIONSENTRY']._serialized_end=1291
-  _globals['_PROGRESS']._serialized_start=1294
-  _globals['_PROGRESS']._serialized_end=1483
-  _globals['_PROGRESS_STAGE']._serialized_start=1387
-  _globals['_PROGRESS_STAGE']._serialized_end=1483
-  _globals['_CLASSIFYEVENT']._serialized_start=1485
-  _globals['_CLASSIFYEVENT']._serialized_end=1591
-  _globals['_CLASSIFYMANYREQUEST']._serialized_start=1593
-  _globals['_CLASSIFYMANYREQUEST']._serialized_end=1681
-  _globals['_SLIDEERROR']._serialized_start=1683
-  _globals['_SLIDEERROR']._serialized_end=1766
-  _globals['_CLASSIFYMANYRESPONSE']._serialized_start=1769
-  _globals['_CLASSIFYMANYRESPONSE']._serialized_end=1907
-  _globals['_LISTMODELSREQUEST']._serialized_start=1909
-  _globals['_LISTMODELSREQUEST']._serialized_end=1928
-  _globals['_TASKINFO']._serialized_start=1930
-  _globals['_TASKINFO']._serialized_end=1975
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1978
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2109
-  _globals['_SLIDECLASSIFIER']._serialized_start=2112
-  _globals['_SLIDECLASSIFIER']._serialized_end=2414
+  _globals['_MODELINFO']._serialized_end=635
+  _globals['_TASKPREDICTION']._serialized_start=638
+  _globals['_TASKPREDICTION']._serialized_end=809
+  _globals['_TASKPREDICTION_PROBABILITIESENTRY']._serialized_start=757
+  _globals['_TASKPREDICTION_PROBABILITIESENTRY']._serialized_end=809
+  _globals['_TILEGRID']._serialized_start=811
+  _globals['_TILEGRID']._serialized_end=869
+  _globals['_STAGETIMINGS']._serialized_start=871
+  _globals['_STAGETIMINGS']._serialized_end=990
+  _globals['_CLASSIFYRESULT']._serialized_start=993
+  _globals['_CLASSIFYRESULT']._serialized_end=1315
+  _globals['_CLASSIFYRESULT_PREDICTIONSENTRY']._serialized_start=1240
+  _globals['_CLASSIFYRESULT_PREDICTIONSENTRY']._serialized_end=1315
+  _globals['_PROGRESS']._serialized_start=1318
+  _globals['_PROGRESS']._serialized_end=1507
+  _globals['_PROGRESS_STAGE']._serialized_start=1411
+  _globals['_PROGRESS_STAGE']._serialized_end=1507
+  _globals['_CLASSIFYEVENT']._serialized_start=1509
+  _globals['_CLASSIFYEVENT']._serialized_end=1615
+  _globals['_CLASSIFYMANYREQUEST']._serialized_start=1617
+  _globals['_CLASSIFYMANYREQUEST']._serialized_end=1705
+  _globals['_SLIDEERROR']._serialized_start=1707
+  _globals['_SLIDEERROR']._serialized_end=1790
+  _globals['_CLASSIFYMANYRESPONSE']._serialized_start=1793
+  _globals['_CLASSIFYMANYRESPONSE']._serialized_end=1931
+  _globals['_LISTMODELSREQUEST']._serialized_start=1933
+  _globals['_LISTMODELSREQUEST']._serialized_end=1952
+  _globals['_TASKINFO']._serialized_start=1954
+  _globals['_TASKINFO']._serialized_end=1999
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2002
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2133
+  _globals['_SLIDECLASSIFIER']._serialized_start=2136
+  _globals['_SLIDECLASSIFIER']._serialized_end=2438
 # @@protoc_insertion_point(module_scope)

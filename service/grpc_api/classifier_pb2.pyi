@@ -50,7 +50,7 @@ class SlideFacts(_message.Message):
     def __init__(self, width_px: _Optional[int] = ..., height_px: _Optional[int] = ..., mpp: _Optional[float] = ..., base_magnification: _Optional[float] = ..., objective_power: _Optional[float] = ..., vendor: _Optional[str] = ..., reader_backend: _Optional[str] = ..., read_level: _Optional[int] = ..., tile_count: _Optional[int] = ..., tile_size_px: _Optional[int] = ..., target_mpp: _Optional[float] = ..., tissue_area_mm2: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "kind", "manifest_sha256", "weights_sha256", "encoder", "notice")
+    __slots__ = ("name", "version", "kind", "manifest_sha256", "weights_sha256", "encoder", "notice", "encoder_sha256")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class ModelInfo(_message.Message):
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
     ENCODER_FIELD_NUMBER: _ClassVar[int]
     NOTICE_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_SHA256_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     kind: str
@@ -65,7 +66,8 @@ class ModelInfo(_message.Message):
     weights_sha256: str
     encoder: str
     notice: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[str] = ..., manifest_sha256: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., encoder: _Optional[str] = ..., notice: _Optional[str] = ...) -> None: ...
+    encoder_sha256: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[str] = ..., manifest_sha256: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., encoder: _Optional[str] = ..., notice: _Optional[str] = ..., encoder_sha256: _Optional[str] = ...) -> None: ...
 
 class TaskPrediction(_message.Message):
     __slots__ = ("label", "probabilities", "attention")

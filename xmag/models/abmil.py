@@ -57,6 +57,27 @@ class GatedABMIL(nn.Module):
         pooled = attention @ hidden
         return self.classifier(pooled), attention
 
+    def forward_padded(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` on a batch of bags padded to one length, for training several bags per step.
+
+        features (B, N, in_dim), mask (B, N) bool, True on real tiles; returns
+        logits (B, num_classes) and attention (B, N), zero on padding, each row
+        equal to `forward` on that bag's real tiles alone.
+        """
+        if features.ndim != 3 or features.shape[2] != self.in_dim or mask.shape != features.shape[:2]:
+            raise ValueError(
+                f"expected features (B, N, {self.in_dim}) and a mask (B, N), got {tuple(features.shape)} "
+                f"and {tuple(mask.shape)}"
+            )
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("every bag in the batch needs at least one tile")
+        hidden = self.embed(features)
+        gated = torch.tanh(self.attention_tanh(hidden)) * torch.sigmoid(self.attention_gate(hidden))
+        scores = self.attention_score(gated).squeeze(-1).masked_fill(~mask, float("-inf"))
+        attention = torch.softmax(scores, dim=1)
+        pooled = torch.einsum("bn,bnh->bh", attention, hidden)
+        return self.classifier(pooled), attention
+
 
 class SlideHeads(nn.Module):
     """Several slide tasks sharing one set of tile features.

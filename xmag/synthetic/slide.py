@@ -17,7 +17,7 @@ from xmag.synthetic.scene import MASK_UM_PER_PX, SlideGeometry
 from xmag.synthetic.stain import BACKGROUND_LEVELS, Renderer
 from xmag.synthetic.tiff_writer import PYRAMID_DOWNSAMPLE, pyramid_level_sizes, write_aperio_tiff
 
-__all__ = ["SyntheticSlide", "make_synthetic_slide"]
+__all__ = ["SyntheticSlide", "load_synthetic_slide", "make_synthetic_slide"]
 
 
 @dataclass(frozen=True)
@@ -191,6 +191,32 @@ def make_synthetic_slide(
     }
     metadata_path.write_text(json.dumps(metadata, indent=2) + "\n")
     return slide
+
+
+def load_synthetic_slide(metadata_path: str | os.PathLike[str]) -> SyntheticSlide:
+    """The SyntheticSlide of a slide written earlier, from the ground-truth JSON beside it (written last)."""
+    metadata_path = Path(metadata_path)
+    written = json.loads(metadata_path.read_text())
+    folder = metadata_path.parent
+    slide_path = folder / written["slide"]
+    if not slide_path.is_file():
+        raise FileNotFoundError(f"{metadata_path} describes {slide_path}, which is not there")
+    return SyntheticSlide(
+        path=slide_path,
+        tissue_mask_path=folder / written["tissue_mask"],
+        lesion_mask_path=folder / written["lesion_mask"],
+        metadata_path=metadata_path,
+        width_px=written["width_px"],
+        height_px=written["height_px"],
+        base_magnification=written["base_magnification"],
+        mpp=written["mpp"],
+        tile_size_px=written["tile_size_px"],
+        level_sizes_px=tuple(tuple(size) for size in written["level_sizes_px"]),
+        level_downsamples=tuple(written["level_downsamples"]),
+        mask_um_per_px=written["mask_um_per_px"],
+        lesion_boxes_px=tuple(tuple(box) for box in written["lesion_boxes_px"]),
+        seed=written["seed"],
+    )
 
 
 def _um_box_to_level0_px(box_um: tuple[float, float, float, float], mpp: float, width_px: int, height_px: int):

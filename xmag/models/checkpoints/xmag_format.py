@@ -4,10 +4,17 @@ Written by `save_encoder_checkpoint`, read back by `load_xmag_checkpoint`; the
 architecture travels in the metadata, so no configuration is needed to load one.
 `load_encoder` loads any supported file: ours as they are, the official formats
 into a named configuration.
+
+An encoder is known by `encoder_weights_sha256`, a hash of its tensors (not of
+a file, so re-saving it with other heads or metadata keeps its identity).
+Feature files record it, and heads trained on those features carry it as
+`heads_encoder_sha256`: a checkpoint whose heads were trained on another
+encoder's features is refused when it is read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -26,6 +33,22 @@ from xmag.models.vit import VisionTransformer, get_vit_config
 
 # Prefix of slide-head tensors in our own checkpoints.
 HEADS_PREFIX = "heads."
+# Metadata entry: the encoder_weights_sha256 of the encoder whose features the heads were trained on.
+HEADS_ENCODER_SHA256 = "heads_encoder_sha256"
+
+
+def encoder_weights_sha256(model: VisionTransformer) -> str:
+    """The identity of an encoder's weights: sha256 over its architecture and every tensor's name, dtype, shape, bytes.
+
+    Independent of the file it came from, so the same weights keep the same
+    identity in a repository, a feature file and a checkpoint with heads.
+    """
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{key}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def save_encoder_checkpoint(
@@ -33,17 +56,20 @@ def save_encoder_checkpoint(
     path: str | os.PathLike,
     metadata: Mapping[str, str] | None = None,
     heads: SlideHeads | None = None,
+    heads_encoder_sha256: str | None = None,
 ) -> None:
     """Write `model` (and optionally its slide heads) as an XMAG checkpoint (safetensors).
 
     The file holds the model's state dict, each head's under
     `heads.<task>.`, and the metadata entries `format` ("xmag-encoder"),
     `vit_config` (JSON) and, with heads, `heads` (JSON: class names and
-    sizes per task), plus the caller's own string entries (provenance, say).
+    sizes per task) and `heads_encoder_sha256` (the encoder whose features
+    trained them, when the caller knows it), plus the caller's own string
+    entries (provenance, say).
     It is written to a temporary name and renamed, so an interrupted save
     never leaves a half-written checkpoint.
     """
-    reserved = {"format", "vit_config", "heads"}
+    reserved = {"format", "vit_config", "heads", HEADS_ENCODER_SHA256}
     extra = dict(metadata or {})
     clashing = sorted(reserved & set(extra))
     if clashing:
@@ -72,6 +98,10 @@ def save_encoder_checkpoint(
             },
             sort_keys=True,
         )
+        if heads_encoder_sha256 is not None:
+            header[HEADS_ENCODER_SHA256] = heads_encoder_sha256
+    elif heads_encoder_sha256 is not None:
+        raise ValueError("heads_encoder_sha256 describes heads, and no heads were given")
     path = Path(path)
     partial_path = path.with_name(path.name + ".partial")
     safetensors.torch.save_file(tensors, str(partial_path), metadata=header)
@@ -90,7 +120,9 @@ class XmagCheckpoint:
 def load_xmag_checkpoint(path: str | os.PathLike) -> XmagCheckpoint:
     """Rebuild the encoder, the slide heads (if stored) and the metadata of a file written by
     `save_encoder_checkpoint`; the architecture comes from the metadata. Models are in eval mode,
-    with the dtype the weights were stored in."""
+    with the dtype the weights were stored in.
+
+    Raises CheckpointError when the heads record an encoder other than the one stored with them."""
     path = Path(path)
     state_dict, metadata = read_checkpoint(path)
     if metadata.get("format") != XMAG_ENCODER_FORMAT_TAG or "vit_config" not in metadata:
@@ -109,7 +141,20 @@ def load_xmag_checkpoint(path: str | os.PathLike) -> XmagCheckpoint:
     check_fits(vit, vit_state, fmt="xmag", source=str(path))
     vit.load_state_dict(vit_state, strict=True, assign=True)
     heads = _build_heads(metadata, head_state, path) if "heads" in metadata else None
+    if heads is not None and HEADS_ENCODER_SHA256 in metadata:
+        _check_heads_match_encoder(metadata[HEADS_ENCODER_SHA256], vit, path)
     return XmagCheckpoint(vit=vit.eval(), heads=heads, metadata=metadata)
+
+
+def _check_heads_match_encoder(heads_encoder_sha256: str, vit: VisionTransformer, path: Path) -> None:
+    encoder_sha256 = encoder_weights_sha256(vit)
+    if heads_encoder_sha256 != encoder_sha256:
+        raise CheckpointError(
+            f"{path}: its slide heads were trained on features of the encoder with weights sha256 "
+            f"{heads_encoder_sha256}, but the encoder stored with them has weights sha256 {encoder_sha256}. "
+            "Heads only make sense on the features of the encoder that trained them: train them again on features "
+            "of this encoder (xmag extract, then xmag train heads), or pair them with their own encoder."
+        )
 
 
 def load_encoder_checkpoint(path: str | os.PathLike) -> VisionTransformer:
