@@ -44,11 +44,11 @@ def bench(
 
     if features:
         from xmag.benchmarks.cache import extraction_throughput, run_cache_benchmark
+        from xmag.cli.demo_model import demo_repository
         from xmag.demo import ensure_demo_slide
-        from xmag.export.demo import DEMO_REPOSITORY, ensure_demo_repository
 
         slide = ensure_demo_slide(slides_dir / "demo").path
-        repository = ensure_demo_repository(DEMO_REPOSITORY)
+        repository = demo_repository(typer.echo)
         run_cache_benchmark(slide, repository, output_dir, say=typer.echo)
         extraction_throughput([slide], repository, output_dir, say=typer.echo)
         return
@@ -63,9 +63,9 @@ def bench(
     model_repo = None
     if "xmag" in names and not quick:
         # The product path is measured: the exported demo repository, built once by the export stage.
-        from xmag.export.demo import DEMO_REPOSITORY, ensure_demo_repository
+        from xmag.cli.demo_model import demo_repository
 
-        model_repo = ensure_demo_repository(DEMO_REPOSITORY)
+        model_repo = demo_repository(typer.echo)
     report = run_benchmark(
         plan_runs(names, glasses, scan_40x, limits),
         output_dir,

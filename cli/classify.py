@@ -45,11 +45,9 @@ def classify(
         model = load_checkpoint_model(weights, weights_format, encoder_config, precision)
     else:
         if model_repo is None:
-            from xmag.export.demo import DEMO_REPOSITORY, ensure_demo_repository
+            from xmag.cli.demo_model import demo_repository
 
-            if not DEMO_REPOSITORY.exists():
-                typer.echo(f"building the demo model repository in {DEMO_REPOSITORY} (first run only, ~30 s)")
-            model_repo = ensure_demo_repository(DEMO_REPOSITORY)
+            model_repo = demo_repository(typer.echo)
         model = load_repository_model(model_repo)
     info = model.info
     typer.echo(f"model: {info.name} v{info.version} ({info.kind}); encoder runs on {info.encoder}")

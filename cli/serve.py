@@ -20,10 +20,15 @@ def demo(
         Path("out"), "--out", help="Where to write the demo slide, heatmaps, GeoJSON and result."
     ),
 ) -> None:
-    """The main job: start the service on the demo repository, classify the demo slide via POST /v1/classify."""
+    """The main job: train the demo head on synthetic slides, export it, serve it, classify the demo slide over REST.
+
+    Steps already done (slides, feature files, the export) are reused on a rerun.
+    """
+    from xmag.cli.demo_model import demo_repository
     from xmag.service.demo import run_demo
 
-    for path in run_demo(output_dir, typer.echo):
+    repository = demo_repository(typer.echo, output_dir / "demo")
+    for path in run_demo(output_dir, repository, typer.echo):
         typer.echo(f"wrote {path}")
 
 
@@ -134,18 +139,19 @@ def serve(
         run_service(create_app(settings), settings, typer.echo)
         return
 
+    from xmag.cli.demo_model import demo_repository
     from xmag.demo import ensure_demo_slide
-    from xmag.export.demo import DEMO_REPOSITORY, ensure_demo_repository
+    from xmag.export.demo import DEMO_REPOSITORY
     from xmag.service.loading import load_engine
 
     if DEMO_SLIDE_ROOT in settings.slide_roots and not (DEMO_SLIDE_ROOT / "demo_slide.svs").exists():
         ensure_demo_slide(DEMO_SLIDE_ROOT)
     if not DEMO_REPOSITORY.exists():
-        typer.echo(f"building the demo model repository in {DEMO_REPOSITORY} (first run only, ~30 s)")
+        typer.echo(f"building the demo model in {DEMO_REPOSITORY}: its head is trained on synthetic slides first")
     settings = settings.model_copy(update={"model_repo": DEMO_REPOSITORY})
 
     def load_demo_engine(settings, metrics):
-        ensure_demo_repository(DEMO_REPOSITORY)
+        demo_repository(typer.echo)
         return load_engine(settings, metrics)
 
     run_service(create_app(settings, load_demo_engine), settings, typer.echo, require_manifest=False)

@@ -1,4 +1,4 @@
-"""The main job: start the service on the demo repository, classify the demo slide over REST, keep the heatmaps.
+"""The main job's last steps: serve the demo repository, classify the demo slide over REST, keep the heatmaps.
 
 It runs `xmag serve` as a child process on a free loopback port, exactly as an
 operator would, talks to it only through HTTP, and stops it with SIGTERM (a
@@ -31,13 +31,17 @@ def free_loopback_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(slide_root: Path, port: int, ready_timeout_s: float, say: Callable[[str], None]) -> Iterator[str]:
-    """`xmag serve` on loopback with the demo repository; yields its base URL once /readyz is 200."""
+def serving(
+    model_repo: Path, slide_root: Path, port: int, ready_timeout_s: float, say: Callable[[str], None]
+) -> Iterator[str]:
+    """`xmag serve` on loopback with the model repository; yields its base URL once /readyz is 200."""
     command = [
         sys.executable,
         "-m",
         "xmag.cli",
         "serve",
+        "--model-repo",
+        str(model_repo),
         "--port",
         str(port),
         "--grpc-port",
@@ -98,12 +102,14 @@ def classify_demo_slide(base_url: str, slide_path: Path, output_dir: Path, say: 
     return written
 
 
-def run_demo(output_dir: Path, say: Callable[[str], None], ready_timeout_s: float = 600) -> list[Path]:
-    """Generate the demo slide, serve the demo repository, classify the slide over REST; returns the files written."""
+def run_demo(
+    output_dir: Path, model_repo: Path, say: Callable[[str], None], ready_timeout_s: float = 600
+) -> list[Path]:
+    """Generate the demo slide, serve `model_repo`, classify the slide over REST; returns the files written."""
     from xmag.demo import ensure_demo_slide
 
     slide = ensure_demo_slide(output_dir / "demo")
-    say(f"demo slide: {slide.path} (generated; 20x, one planted lesion)")
-    # The child's working directory is ours, so the demo repository lands in the same place.
-    with serving(slide.path.parent.resolve(), free_loopback_port(), ready_timeout_s, say) as base_url:
+    say(f"demo slide: {slide.path} (generated; 20x, one planted lesion; not in the training cohort)")
+    slide_root = slide.path.parent.resolve()
+    with serving(model_repo.resolve(), slide_root, free_loopback_port(), ready_timeout_s, say) as base_url:
         return classify_demo_slide(base_url, slide.path.resolve(), output_dir, say)

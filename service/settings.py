@@ -13,16 +13,19 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from xmag.demo import DEMO_WORKDIR
 from xmag.vocabulary import EncoderBackend, EncoderPrecision, ReaderBackend
 
-DEMO_SLIDE_ROOT = Path("out/demo")
+DEMO_SLIDE_ROOT = DEMO_WORKDIR
 
 
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="XMAG_", extra="forbid", frozen=True)
 
     model_repo: Path | None = Field(
-        None, description="Verified model repository; default: the demo repository, which `xmag serve` builds once."
+        None,
+        description="Verified model repository; default: the demo repository, which `xmag serve` builds once "
+        "(its head trained on synthetic slides).",
     )
     # Comma-separated in the environment: XMAG_SLIDE_ROOTS=/slides,/archive
     slide_roots: Annotated[list[Path], NoDecode] = Field(

@@ -143,8 +143,8 @@ def test_cli_classify_with_an_xmag_checkpoint(tmp_path, slide_20x):
     saved = ClassifyResult.model_validate_json((tmp_path / "out" / "glass_20x.result.json").read_text())
     assert saved.model.kind == "checkpoint" and saved.model.weights_sha256 == sha256_of(checkpoint)
     assert saved.attention is not None and len(saved.attention.level0_coords) == saved.slide.tile_count
-    heatmap = Image.open(tmp_path / "out" / "glass_20x.demo_lesion.heatmap.png")
+    heatmap = Image.open(tmp_path / "out" / "glass_20x.lesion.heatmap.png")
     assert heatmap.size[0] > 100
     assert saved.heatmaps is not None
-    geojson = json.loads(Path(saved.heatmaps["demo_lesion"].geojson_url.removeprefix("file://")).read_text())
+    geojson = json.loads(Path(saved.heatmaps["lesion"].geojson_url.removeprefix("file://")).read_text())
     assert len(geojson["features"]) == saved.slide.tile_count

@@ -29,7 +29,7 @@ from xmag.training.config import HeadsConfig
 from xmag.training.dataset import FeatureBags, SlideDataset, read_dataset_csv, read_feature_bags
 from xmag.training.heads import EpochLog, TrainedHead, predict_bags, train_head
 from xmag.training.reports import FoldPredictions, summarise_task, write_reports
-from xmag.training.splits import Fold, patient_folds, read_clam_splits, write_clam_splits
+from xmag.training.splits import Fold, final_split, patient_folds, read_clam_splits, write_clam_splits
 
 CHECKPOINT_FILE = "model.safetensors"
 
@@ -93,7 +93,7 @@ def train_heads(run: HeadsRun, on_epoch: Callable[[HeadsProgress], None] | None 
             resamples=run.bootstrap_resamples,
             seed=run.config.seed,
         )
-        final_fold = _final_fold(dataset, task, run)
+        final_fold = final_split(dataset, task, seed=run.config.seed + 1000)
         final_heads[task] = _train_on(dataset, bags, task, final_fold, run.config, progress(task, "final")).head
 
     checkpoint = run.output_dir / CHECKPOINT_FILE
@@ -147,12 +147,6 @@ def _check_features_match_encoder(bags: FeatureBags, encoder: EncoderWeights) ->
 
 def _our_folds(dataset: SlideDataset, task: str, run: HeadsRun) -> list[Fold]:
     return patient_folds(dataset, task, k=run.folds, seed=run.config.seed)
-
-
-def _final_fold(dataset: SlideDataset, task: str, run: HeadsRun) -> Fold:
-    """Every slide in training but a patient-grouped, stratified validation fifth for early stopping."""
-    first = patient_folds(dataset, task, k=5, seed=run.config.seed + 1000)[0]
-    return Fold(train=sorted(first.train + first.test), val=first.val, test=[])
 
 
 def _train_on(

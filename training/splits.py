@@ -65,8 +65,7 @@ def patient_folds(dataset: SlideDataset, task: str, k: int = 5, val_folds: int =
     folds = []
     outer = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     for fold_index, (rest, test) in enumerate(outer.split(slide_ids, labels, groups)):
-        inner = StratifiedGroupKFold(n_splits=val_folds, shuffle=True, random_state=seed + 1 + fold_index)
-        train, val = next(inner.split(slide_ids[rest], labels[rest], groups[rest]))
+        train, val = _validation_split(labels[rest], groups[rest], val_folds, seed + 1 + fold_index)
         folds.append(
             Fold(
                 train=sorted(slide_ids[rest][train].tolist()),
@@ -77,6 +76,34 @@ def patient_folds(dataset: SlideDataset, task: str, k: int = 5, val_folds: int =
     for fold in folds:
         check_patient_disjoint(fold, dataset)
     return folds
+
+
+def final_split(dataset: SlideDataset, task: str, val_folds: int = 5, seed: int = 0) -> Fold:
+    """All slides in training but a patient-grouped, stratified validation part (1 / val_folds) for early stopping."""
+    slides = dataset.slides
+    slide_ids = np.array([slide.slide_id for slide in slides])
+    labels = np.array([dataset.label_index(slide, task) if task in slide.labels else -1 for slide in slides])
+    train, val = _validation_split(labels, np.array([slide.case_id for slide in slides]), val_folds, seed)
+    return Fold(train=sorted(slide_ids[train].tolist()), val=sorted(slide_ids[val].tolist()), test=[])
+
+
+def _validation_split(
+    labels: np.ndarray, groups: np.ndarray, val_folds: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val): one of `val_folds` patient-grouped, stratified parts as validation.
+
+    With few patients the parts are fewer (and the validation part larger), so
+    that every class can still have a patient on each side.
+    """
+    patients_per_class = [len(set(groups[labels == label])) for label in np.unique(labels)]
+    parts = min(val_folds, *patients_per_class)
+    if parts < 2:
+        raise ValueError(
+            "too few patients for a validation part: a class has only one patient among the training slides "
+            "of a fold; use fewer folds or more patients"
+        )
+    inner = StratifiedGroupKFold(n_splits=parts, shuffle=True, random_state=seed)
+    return next(inner.split(labels, labels, groups))
 
 
 def check_patient_disjoint(fold: Fold, dataset: SlideDataset) -> None:

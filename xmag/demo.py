@@ -20,12 +20,19 @@ DEMO_WEIGHTS_NOTICE = (
     "the predictions below are meaningless. For real results, pass --model-repo with a repository "
     "exported from trained weights (or --weights with a checkpoint)."
 )
+DEMO_MODEL_NOTICE = (
+    "DEMO MODEL: the encoder is untrained (the student architecture with seeded random weights) and the head was "
+    "trained by `xmag train heads` on a few synthetic slides with planted lesions. It finds those lesions and "
+    "means nothing for real tissue. For real results, pass --model-repo with a repository exported from trained "
+    "weights (or --weights with a checkpoint)."
+)
 DEMO_HEADS_NOTICE = (
     "UNTRAINED DEMO HEADS: the encoder weights are yours, but no trained slide head was given, so the "
     "MIL head is randomly initialised and its predictions are meaningless."
 )
 DEMO_ENCODER_CONFIG = "xmag_vitb14"
-DEMO_TASK = "demo_lesion"
+DEMO_WORKDIR = Path("out/demo")  # the demo slide, cohort, features and heads run; the demo service's slide root
+DEMO_TASK = "lesion"
 DEMO_CLASSES = ("normal", "lesion")
 
 

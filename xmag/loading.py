@@ -50,7 +50,8 @@ def repository_model_info(repository: ModelRepository, encoder_description: str)
         weights_sha256=manifest.provenance.source_sha256,
         encoder_sha256=manifest.encoder.weights_sha256,
         encoder=encoder_description,
-        notice=DEMO_WEIGHTS_NOTICE if kind == "untrained-demo" else "",
+        # The provenance says what a demo model is (untrained throughout, or a head trained on synthetic slides).
+        notice=(manifest.provenance.description or DEMO_WEIGHTS_NOTICE) if kind == "untrained-demo" else "",
     )
 
 

@@ -96,6 +96,27 @@ def plan_tile_grid(info: SlideInfo, slide_mpp: float, tissue: TissueMask, spec: 
     )
 
 
+def tile_grid_at(info: SlideInfo, slide_mpp: float, level0_coords: np.ndarray, spec: TilingSpec) -> TileGrid:
+    """Tiles of `spec` at the given level-0 top-left corners, read as `plan_tile_grid`'s are (level, size, resize).
+
+    For tiles chosen elsewhere (a labelled tile list, a linear probe's patches)
+    that must look exactly like the tiles serving reads. The corners are not
+    checked: a tile reaching past the slide's edge reads white there, as every
+    read does.
+    """
+    tile_size_level0_px = max(1, int(round(spec.tile_size_px * spec.target_mpp / slide_mpp)))
+    read_level = best_level_for_downsample(info, spec.target_mpp / slide_mpp)
+    return TileGrid(
+        level0_coords=np.asarray(level0_coords, dtype=np.int64).reshape(-1, 2),
+        tile_size_level0_px=tile_size_level0_px,
+        spec=spec,
+        slide_mpp=slide_mpp,
+        read_level=read_level,
+        read_size_px=max(1, int(round(tile_size_level0_px / info.level_downsamples[read_level]))),
+        grid_shape=(info.width_px // tile_size_level0_px, info.height_px // tile_size_level0_px),
+    )
+
+
 def _tile_tissue_fractions(tissue: TissueMask, tile_size_level0_px: int, columns: int, rows: int) -> np.ndarray:
     """Fraction of tissue under each grid cell, shape (rows, columns), from a summed-area table of the mask."""
     if columns == 0 or rows == 0:
