@@ -33,13 +33,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY --from=builder /wheels /tmp/wheels
-# The wheel with its [serve,export] extras: the service, and the export stage that builds the demo
-# repository at first start.
+# The wheel with its [serve,export,train] extras: the service, and the training face and export stage that
+# build the demo repository at first start (its head trained on synthetic slides).
 # torch's CPU build from PyTorch's CPU index (PyPI's Linux torch brings ~3 GB of CUDA libraries);
 # it satisfies the wheel's torch==2.13.0 in the same resolve. cuCIM without its declared CUDA
 # dependencies, as the Makefile installs it: it reads slides on the CPU, about twice OpenSlide's rate.
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu \
-        "torch==2.13.0+cpu" "$(echo /tmp/wheels/xmag-*.whl)[serve,export]" "click>=8" "lazy-loader>=0.4" "scikit-image>=0.22" \
+        "torch==2.13.0+cpu" "$(echo /tmp/wheels/xmag-*.whl)[serve,export,train]" "click>=8" "lazy-loader>=0.4" "scikit-image>=0.22" \
     && pip install --no-cache-dir --no-deps "cucim-cu12==26.10.0" \
     && rm -rf /tmp/wheels
 
@@ -61,15 +61,15 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 COPY --from=builder /wheels /tmp/wheels
-# The wheel with its [serve,export] extras: the service, and the export stage that builds the demo
-# repository at first start.
+# The wheel with its [serve,export,train] extras: the service, and the training face and export stage that
+# build the demo repository at first start (its head trained on synthetic slides).
 # torch==2.13.0+cu126 from PyTorch's index (PyPI's torch 2.13 is a CUDA 13 build).
 # TensorRT 10.7 is the release in nvcr.io/nvidia/tritonserver:24.12-py3 (deploy/k8s/triton-pool):
 # an engine runs only under the TensorRT that built it, so plans exported in this image load there.
 # onnxruntime-gpu 1.26.0 is the last on PyPI built for CUDA 12 (1.27 on need CUDA 13). It replaces
 # the wheel's onnxruntime (CPU): both install the same `onnxruntime` module.
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cu126 \
-        "torch==2.13.0+cu126" "$(echo /tmp/wheels/xmag-*.whl)[serve,export]" "tensorrt-cu12==10.7.0" "cucim-cu12==26.10.0" \
+        "torch==2.13.0+cu126" "$(echo /tmp/wheels/xmag-*.whl)[serve,export,train]" "tensorrt-cu12==10.7.0" "cucim-cu12==26.10.0" \
     && pip uninstall -y onnxruntime \
     && pip install --no-cache-dir --no-deps "onnxruntime-gpu==1.26.0" \
     && rm -rf /tmp/wheels

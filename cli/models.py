@@ -21,10 +21,20 @@ def import_weights_command(
 ) -> None:
     """Convert an official weight file into an XMAG checkpoint, recording its sha256 as provenance."""
     from xmag.export.import_weights import import_weights
-    from xmag.models.checkpoints.xmag_format import load_slide_heads
+    from xmag.models.checkpoints.xmag_format import HEADS_ENCODER_SHA256, load_xmag_checkpoint
 
-    heads = load_slide_heads(heads_from) if heads_from is not None else None
-    used = import_weights(source, output, fmt=weights_format, architecture=architecture, heads=heads)
+    heads, heads_encoder_sha256 = None, None
+    if heads_from is not None:
+        stored = load_xmag_checkpoint(heads_from)
+        heads, heads_encoder_sha256 = stored.heads, stored.metadata.get(HEADS_ENCODER_SHA256)
+    used = import_weights(
+        source,
+        output,
+        fmt=weights_format,
+        architecture=architecture,
+        heads=heads,
+        heads_encoder_sha256=heads_encoder_sha256,
+    )
     typer.echo(f"wrote {output} (read {source.name} as {used})")
 
 

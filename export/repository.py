@@ -262,6 +262,7 @@ def export_model_repository(
                 source_checkpoint=checkpoint_metadata.get("source_checkpoint", checkpoint_path.name),
                 source_sha256=checkpoint_metadata.get("source_sha256", sha256_of(checkpoint_path)),
                 description=checkpoint_metadata.get("provenance_description", ""),
+                fine_tuned_from=checkpoint_metadata.get("fine_tuned_from"),
             ),
             exporter_versions=_versions("xmag", "torch", "onnx", "onnxscript", "onnxruntime", "tensorrt"),
             int8_min_cosine=onnx_export.INT8_MIN_COSINE,

@@ -226,3 +226,30 @@ def test_a_bad_dataset_csv_gets_a_clear_error(tmp_path, rows, message):
         csv.writer(handle).writerows(rows)
     with pytest.raises(ValueError, match=message):
         read_dataset_csv(path)
+
+
+def test_import_weights_carries_the_heads_encoder_and_refuses_another(lesion_run, tmp_path):
+    from xmag.export.import_weights import import_weights
+
+    trained = load_xmag_checkpoint(lesion_run.checkpoint)
+    recorded = trained.metadata[HEADS_ENCODER_SHA256]
+    kept = tmp_path / "kept.safetensors"
+    import_weights(
+        lesion_run.encoder_checkpoint,
+        kept,
+        architecture="tiny_dinov2",
+        heads=trained.heads,
+        heads_encoder_sha256=recorded,
+    )
+    assert load_xmag_checkpoint(kept).metadata[HEADS_ENCODER_SHA256] == recorded
+    other = tmp_path / "other.safetensors"
+    save_encoder_checkpoint(build_tile_encoder("tiny_dinov2", seed=1).vit, other)
+    with pytest.raises(CheckpointError, match=recorded):
+        import_weights(
+            other,
+            tmp_path / "refused.safetensors",
+            architecture="tiny_dinov2",
+            heads=trained.heads,
+            heads_encoder_sha256=recorded,
+        )
+    assert not (tmp_path / "refused.safetensors").exists()

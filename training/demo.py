@@ -73,7 +73,7 @@ def ensure_demo_checkpoint(directory: Path, say: Callable[[str], None]) -> Path:
         model.encoder,
         EncoderIdentity.of_model(model.info),
         model.spec,
-        on_outcome=lambda outcome: say(f"  {outcome.slide_id}: {outcome.status}, {outcome.tiles} tiles"),
+        on_outcome=lambda outcome: say(f"  {outcome.slide_id}: {_outcome_text(outcome)}"),
     )
     failed = [outcome for outcome in outcomes if outcome.status == "failed"]
     if failed:
@@ -116,3 +116,9 @@ def _run_is_current(run_dir: Path, dataset_csv: Path) -> bool:
     except (OSError, ValueError):
         return False
     return (run_dir / CHECKPOINT_FILE).is_file() and config.get("dataset_sha256") == sha256_of(dataset_csv)
+
+
+def _outcome_text(outcome) -> str:
+    if outcome.status == "skipped":
+        return "its feature file is current, reused"
+    return f"{outcome.tiles} tiles encoded" if outcome.status == "done" else f"{outcome.status}: {outcome.message}"

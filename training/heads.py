@@ -107,7 +107,7 @@ def _train(train_bags, train_labels, val_bags, val_labels, num_classes, class_we
                 schedule.step()
                 losses.append(loss.item() * len(batch))
             val_probabilities = predict_bags(head, val_bags)
-            val_loss = _mean_log_loss(val_probabilities, val_labels)
+            val_loss = mean_log_loss(val_probabilities, val_labels)
             log = EpochLog(
                 epoch=epoch,
                 train_loss=sum(losses) / len(train_bags),
@@ -171,6 +171,7 @@ def _padded(bags: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     return features, mask
 
 
-def _mean_log_loss(probabilities: np.ndarray, labels: np.ndarray) -> float:
+def mean_log_loss(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """The validation loss early stopping watches: mean cross-entropy of predicted probabilities (n, C)."""
     chosen = probabilities[np.arange(len(labels)), labels]
     return float(-np.mean(np.log(np.clip(chosen, 1e-12, 1.0))))

@@ -142,9 +142,10 @@ def plot_roc(path: Path, folds: list[FoldPredictions], class_names: list[str], t
 def metrics_markdown(summary: dict) -> str:
     """The run's metrics as markdown tables: one row per fold, mean ± sd, pooled, each with its 95% CI."""
     lines = [
-        "# Slide heads: cross-validated metrics",
+        "# Slide heads: held-out metrics",
         "",
-        f"{summary['slides']} slides of {summary['patients']} patients, {summary['folds']} folds by patient. "
+        f"{summary['slides']} slides of {summary['patients']} patients; "
+        f"{summary['folds']} {'fold' if summary['folds'] == 1 else 'folds'} by patient. "
         f"Encoder {summary['encoder']['name']} (weights sha256 `{summary['encoder']['weights_sha256'][:16]}…`).",
     ]
     if summary.get("features_notice"):

@@ -94,6 +94,9 @@ class Provenance(_Strict):
     source_checkpoint: str | None = None  # file name only
     source_sha256: str | None = None
     description: str = ""
+    # Set when the encoder was fine-tuned (xmag train e2e): the name and encoder_weights_sha256 of the encoder it
+    # was fine-tuned from, as "<name> (encoder_weights_sha256 <hex>)".
+    fine_tuned_from: str | None = None
 
 
 class Manifest(_Strict):
