@@ -6,7 +6,19 @@ parse arguments and call the core or a face (imported inside the command, so
 Errors become messages and exit statuses in one place, `xmag.cli.app`.
 """
 
-from xmag.cli import bench, classify, extract, models, serve, slides, train, train_compare, train_e2e, train_probe  # noqa: F401 - importing them registers their commands
+from xmag.cli import (  # noqa: F401 - importing them registers their commands
+    bench,
+    classify,
+    extract,
+    models,
+    serve,
+    slides,
+    train,
+    train_compare,
+    train_e2e,
+    train_pairs,
+    train_probe,
+)
 from xmag.cli.app import app
 
 __all__ = ["app", "main"]
