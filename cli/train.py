@@ -15,7 +15,7 @@ from xmag.training.config import HeadsConfig
 
 train_app = typer.Typer(
     name="train",
-    help="Train slide heads (ABMIL), e2e-XMAG, linear probes; compare two models' predictions.",
+    help="Train slide heads (ABMIL), e2e-XMAG, linear probes; cut distillation pairs; compare two models' predictions.",
     no_args_is_help=True,
 )
 app.add_typer(train_app)

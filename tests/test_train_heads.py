@@ -29,6 +29,8 @@ from xmag.pipeline import embed_slide
 from xmag.runtimes.torch_backend import TorchTileEncoder
 from xmag.service.rest import create_app
 from xmag.synthetic.dataset import tile_lesion_fractions
+from xmag.training.config import HeadsConfig
+from xmag.training.cross_validation import HeadsRun, train_heads
 from xmag.training.dataset import read_dataset_csv
 from xmag.training.splits import read_clam_splits
 
@@ -253,3 +255,20 @@ def test_import_weights_carries_the_heads_encoder_and_refuses_another(lesion_run
             heads_encoder_sha256=recorded,
         )
     assert not (tmp_path / "refused.safetensors").exists()
+
+
+def test_the_encoder_may_be_a_model_repository(lesion_model, lesion_run, tmp_path):
+    # The repository was exported from the run's checkpoint: the same encoder weights made the features.
+    summary = train_heads(
+        HeadsRun(
+            dataset_csv=lesion_run.cohort.dataset_csv,
+            features_dir=lesion_run.features_dir,
+            encoder=lesion_model.repository,
+            output_dir=tmp_path / "run",
+            config=HeadsConfig(max_epochs=2),
+            folds=3,
+            bootstrap_resamples=20,
+        )
+    )
+    assert summary["encoder"]["weights_sha256"] == lesion_run.summary["encoder"]["weights_sha256"]
+    assert load_xmag_checkpoint(tmp_path / "run" / "model.safetensors").heads is not None
