@@ -272,3 +272,35 @@ def test_the_encoder_may_be_a_model_repository(lesion_model, lesion_run, tmp_pat
     )
     assert summary["encoder"]["weights_sha256"] == lesion_run.summary["encoder"]["weights_sha256"]
     assert load_xmag_checkpoint(tmp_path / "run" / "model.safetensors").heads is not None
+
+
+def test_each_label_column_is_a_task_with_its_own_head(lesion_run, tmp_path):
+    # A second task on the same features, with one slide unlabelled for it: that slide is left out of that task only.
+    with lesion_run.cohort.dataset_csv.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    dataset_csv = tmp_path / "two_tasks.csv"
+    with dataset_csv.open("w", newline="") as handle:
+        out = csv.writer(handle)
+        out.writerow(["case_id", "slide_id", LESION_TASK, "site"])
+        for index, row in enumerate(rows):
+            site = "" if index == 0 else ("north" if row["slide_id"].endswith("_s0") else "south")
+            out.writerow([row["case_id"], row["slide_id"], row[LESION_TASK], site])
+    summary = train_heads(
+        HeadsRun(
+            dataset_csv=dataset_csv,
+            features_dir=lesion_run.features_dir,
+            encoder=lesion_run.encoder_checkpoint,
+            output_dir=tmp_path / "run",
+            config=HeadsConfig(max_epochs=2),
+            folds=3,
+            class_order={LESION_TASK: ["normal", "lesion"]},
+            bootstrap_resamples=20,
+        )
+    )
+    assert set(summary["tasks"]) == {LESION_TASK, "site"}
+    assert summary["tasks"]["site"]["pooled"]["slides"] == len(rows) - 1
+    heads = load_xmag_checkpoint(tmp_path / "run" / "model.safetensors").heads
+    assert heads is not None and heads.class_names == {LESION_TASK: ["normal", "lesion"], "site": ["north", "south"]}
+    for task in (LESION_TASK, "site"):
+        assert (tmp_path / "run" / f"predictions_{task}.csv").is_file()
+        assert (tmp_path / "run" / f"roc_{task}.png").is_file()

@@ -162,6 +162,13 @@ def _train_on(
     val = [slide_id for slide_id in fold.val if slide_id in labelled]
     if not val:
         raise ValueError(f"task {task!r}: a fold has no labelled validation slides, which early stopping needs")
+    missing = sorted(set(dataset.class_names[task]) - {dataset.class_names[task][labelled[s]] for s in train})
+    if missing:
+        raise ValueError(
+            f"task {task!r}: a fold's training part has no slide of class {missing}. The folds are stratified by "
+            f"the first task ({next(iter(dataset.class_names))!r}); put the task with the rarest classes first, "
+            "or train this task in a run of its own (--task)"
+        )
     return train_head(
         [bags.bags[slide_id].features for slide_id in train],
         np.array([labelled[slide_id] for slide_id in train]),

@@ -95,7 +95,8 @@ def _validation_split(
     With few patients the parts are fewer (and the validation part larger), so
     that every class can still have a patient on each side.
     """
-    patients_per_class = [len(set(groups[labels == label])) for label in np.unique(labels)]
+    # Unlabelled slides (-1) are a stratum, but need no patient on each side.
+    patients_per_class = [len(set(groups[labels == label])) for label in np.unique(labels) if label >= 0]
     parts = min(val_folds, *patients_per_class)
     if parts < 2:
         raise ValueError(
