@@ -15,6 +15,7 @@ from xmag.cli import (  # noqa: F401 - importing them registers their commands
     slides,
     train,
     train_compare,
+    train_distill,
     train_e2e,
     train_pairs,
     train_probe,
