@@ -64,8 +64,44 @@ class ProjectionHead(nn.Module):
             raise ValueError(
                 f"a ProjectionHead in training mode needs at least 2 rows for its BatchNorm, got {rows.shape[0]}"
             )
-        projected = self.fc2(self.act(self.norm(self.fc1(rows))))
+        projected = self.fc2(self.act(global_batch_norm(self.norm, self.fc1(rows))))
         return projected.reshape(*features.shape[:-1], self.out_dim)
+
+
+def global_batch_norm(norm: nn.BatchNorm1d, rows: torch.Tensor) -> torch.Tensor:
+    """`norm` over the rows of every process: W processes of B / W regions normalise as one process of B.
+
+    In one process, or in eval mode, this is `norm(rows)`. In training under
+    torch.distributed with several processes, the rows' sums, then their
+    squared deviations from the global mean, are all-reduced with autograd
+    (torch.distributed.nn), so the gradient flows through the global statistics
+    as it would in one process; SyncBatchNorm does the same but runs on CUDA
+    only. Two passes, not E[x²] - E[x]²: an untrained student gives regions
+    nearly the same features, whose variance that difference would lose to
+    rounding. The running statistics move by the global mean and unbiased
+    variance, as BatchNorm1d's would.
+    """
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not norm.training or not distributed or torch.distributed.get_world_size() == 1:
+        return norm(rows)
+    from torch.distributed.nn.functional import all_reduce
+
+    count = torch.full((1,), float(rows.shape[0]), dtype=rows.dtype, device=rows.device)
+    totals = all_reduce(torch.cat([rows.sum(dim=0), count]))
+    rows_total = totals[-1]
+    mean = totals[:-1] / rows_total
+    centred = rows - mean
+    variance = all_reduce((centred * centred).sum(dim=0)) / rows_total
+    if norm.track_running_stats and norm.running_mean is not None and norm.running_var is not None:
+        with torch.no_grad():
+            momentum = norm.momentum if norm.momentum is not None else 0.1
+            unbiased = variance * rows_total / (rows_total - 1)
+            norm.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+            norm.running_var.mul_(1 - momentum).add_(unbiased.detach(), alpha=momentum)
+            if norm.num_batches_tracked is not None:
+                norm.num_batches_tracked.add_(1)
+    normalised = centred / torch.sqrt(variance + norm.eps)
+    return normalised * norm.weight + norm.bias if norm.affine else normalised
 
 
 class DistillationHeads(nn.Module):
