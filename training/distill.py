@@ -45,9 +45,10 @@ rank 0 alone logs (the loss averaged over the ranks), validates, checkpoints
 and releases, and a run resumes only with as many processes. The heads'
 batch norm all-reduces its statistics (`global_batch_norm`), so W processes
 of B / W regions compute the loss one process of B does (SyncBatchNorm would
-on CUDA only). The weights then agree only to rounding, which AdamW's first,
-sign-like steps amplify on near-zero gradients: about 1e-3 after 3 steps in
-the tests, not the 1e-5 the issue asks for.
+on CUDA only). Their weights, though, agree to about 1e-3 after 3 steps in the
+tests, not the 1e-5 the issue asks for. The likely cause, not yet shown, is
+rounding amplified by AdamW's first, nearly sign-like steps on near-zero
+gradients.
 
 The run folder holds `config.json`, `log.jsonl` (one JSON line per step and
 per validation), `checkpoints/step-<k>.pt` and `student.safetensors`.
