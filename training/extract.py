@@ -147,38 +147,63 @@ def extract_features(
     unless `skip_errors`.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
+
+    def already_done(entry: SlideEntry) -> bool:
+        target = output_dir / f"{entry.slide_id}.h5"
+        for stale in output_dir.glob(f".{glob.escape(target.name)}.*.partial"):  # a run killed while writing this slide
+            stale.unlink()
+        return is_current(target, identity, spec)
+
+    def extract(entry: SlideEntry) -> int:
+        embedded = embed_slide(
+            str(entry.path),
+            encoder,
+            spec=spec,
+            backend=backend,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            fallback_mpp=fallback_mpp,
+        )
+        write_feature_file(output_dir / f"{entry.slide_id}.h5", embedded, identity)
+        return len(embedded.embeddings)
+
+    return each_slide(entries, output_dir, rank, already_done, extract, skip_errors=skip_errors, on_outcome=on_outcome)
+
+
+def each_slide(
+    entries: list[SlideEntry],
+    output_dir: Path,
+    rank: int,
+    already_done: Callable[[SlideEntry], bool],
+    work: Callable[[SlideEntry], int],
+    *,
+    skip_errors: bool = False,
+    on_outcome: Callable[[Outcome], None] | None = None,
+) -> list[Outcome]:
+    """Run `work` (returning the slide's tile or region count) on every entry not `already_done`, resumably.
+
+    Each outcome is appended to `outcomes/rank-<rank>.jsonl` as it happens
+    (flushed and fsynced, so a killed run keeps what it did). Stops at the
+    first failed slide (after logging it) by raising its error, unless
+    `skip_errors`.
+    """
     log_path = output_dir / OUTCOMES_DIR / f"rank-{rank}.jsonl"
-    log_path.parent.mkdir(exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     outcomes = []
     with log_path.open("a") as log:
         for entry in entries:
-            target = output_dir / f"{entry.slide_id}.h5"
-            for stale in output_dir.glob(
-                f".{glob.escape(target.name)}.*.partial"
-            ):  # a run killed while writing this slide
-                stale.unlink()
             started = time.perf_counter()
             error: XmagError | None = None
-            if is_current(target, identity, spec):
+            if already_done(entry):
                 outcome = Outcome(str(entry.path), entry.slide_id, "skipped", "", "", 0, 0.0, rank)
             else:
                 try:
-                    embedded = embed_slide(
-                        str(entry.path),
-                        encoder,
-                        spec=spec,
-                        backend=backend,
-                        batch_size=batch_size,
-                        num_workers=num_workers,
-                        fallback_mpp=fallback_mpp,
-                    )
-                    write_feature_file(target, embedded, identity)
-                    tiles, status, code, message = len(embedded.embeddings), "done", "", ""
+                    count, status, code, message = work(entry), "done", "", ""
                 except XmagError as failure:
                     error = failure
-                    tiles, status, code, message = 0, "failed", failure.code, str(failure)
+                    count, status, code, message = 0, "failed", failure.code, str(failure)
                 seconds = time.perf_counter() - started
-                outcome = Outcome(str(entry.path), entry.slide_id, status, code, message, tiles, seconds, rank)
+                outcome = Outcome(str(entry.path), entry.slide_id, status, code, message, count, seconds, rank)
             log.write(json.dumps(asdict(outcome)) + "\n")
             log.flush()
             os.fsync(log.fileno())

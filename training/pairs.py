@@ -56,9 +56,8 @@ import os
 import re
 import tarfile
 import tempfile
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +69,7 @@ from xmag.features import tiling_record
 from xmag.slide.reader import SlideReader, open_slide, resolve_mpp
 from xmag.slide.tiling import XMAG_5X, TileGrid, TilingSpec, iter_tile_batches, plan_tile_grid, tile_grid_at
 from xmag.slide.tissue import DEFAULT_THUMBNAIL_UM_PER_PX, tissue_mask_for_slide
-from xmag.training.extract import OUTCOMES_DIR, Outcome, SlideEntry
+from xmag.training.extract import OUTCOMES_DIR, Outcome, SlideEntry, each_slide
 from xmag.vocabulary import ReaderBackend
 
 FORMAT = "xmag-pairs/1"
@@ -401,33 +400,22 @@ def write_pairs(
         (output_dir / folder).mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (output_dir / MANIFEST_FILE).unlink(missing_ok=True)
-    outcomes = []
-    with (output_dir / OUTCOMES_DIR / f"rank-{rank}.jsonl").open("a") as log:
-        for entry in entries:
-            started = time.perf_counter()
-            error: XmagError | None = None
-            if _current_record(output_dir, entry.slide_id, config) is not None:
-                outcome = Outcome(str(entry.path), entry.slide_id, "skipped", "", "", 0, 0.0, rank)
-            else:
-                _forget_slide(output_dir, entry.slide_id)
-                try:
-                    record = _write_slide(entry, output_dir, config, backend, num_workers, fallback_mpp)
-                    _write_json_atomically(output_dir / RECORDS_DIR / f"{entry.slide_id}.json", record)
-                    regions, status, code, message = record["regions"], "done", "", ""
-                except XmagError as failure:
-                    error = failure
-                    regions, status, code, message = 0, "failed", failure.code, str(failure)
-                seconds = time.perf_counter() - started
-                outcome = Outcome(str(entry.path), entry.slide_id, status, code, message, regions, seconds, rank)
-            log.write(json.dumps(asdict(outcome)) + "\n")
-            log.flush()
-            os.fsync(log.fileno())
-            outcomes.append(outcome)
-            if on_outcome is not None:
-                on_outcome(outcome)
-            if error is not None and not skip_errors:
-                raise error
-    return outcomes
+
+    def write_slide(entry: SlideEntry) -> int:
+        _forget_slide(output_dir, entry.slide_id)
+        record = _write_slide(entry, output_dir, config, backend, num_workers, fallback_mpp)
+        _write_json_atomically(output_dir / RECORDS_DIR / f"{entry.slide_id}.json", record)
+        return record["regions"]
+
+    return each_slide(
+        entries,
+        output_dir,
+        rank,
+        lambda entry: _current_record(output_dir, entry.slide_id, config) is not None,
+        write_slide,
+        skip_errors=skip_errors,
+        on_outcome=on_outcome,
+    )
 
 
 def write_manifest(output_dir: Path, entries: list[SlideEntry], config: PairsConfig) -> dict:
